@@ -26,6 +26,8 @@ class ModelOutput:
     logits: torch.Tensor | None  # [B, T, V]
     routed_experts: torch.Tensor | None = None  # [B, T, num_moe_layers, K] int64
     hidden_states: torch.Tensor | None = None  # [B, T, D] final-normed, when asked
+    router_topk: torch.Tensor | None = None  # [B, T, num_moe_layers, K] the routers' own top-k
+    # (equals routed_experts unless routing was replayed; for routing-agreement metrics)
 
 
 class DecoderLayer(nn.Module):
@@ -41,9 +43,9 @@ class DecoderLayer(nn.Module):
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, kv_cache)
         x = self.post_attention_layernorm(h)
         if self.is_moe:
-            y, ids = self.mlp(x, replay_ids)
-            return h + y, ids
-        return h + self.mlp(x), None
+            y, ids, own = self.mlp(x, replay_ids)
+            return h + y, ids, own
+        return h + self.mlp(x), None, None
 
 
 class Decoder(nn.Module):
@@ -113,16 +115,20 @@ class MoEForCausalLM(nn.Module):
         h = self.model.embed_tokens(input_ids)
         cos, sin = self.model.rotary(position_ids, h.dtype)
         mask = None if kv_cache is not None else causal_padding_mask(attention_mask, B, T, h.device)
-        routing = []
+        routing, own_topk = [], []
         for layer in self.model.layers:
             replay = None
             if routed_experts is not None and layer.is_moe:
                 replay = routed_experts[:, :, len(routing)]
-            h, ids = layer(h, cos, sin, mask, kv_cache, replay)
+            h, ids, own = layer(h, cos, sin, mask, kv_cache, replay)
             if ids is not None:
                 routing.append(ids)
+                own_topk.append(own)
         h = self.model.norm(h)
         logits = self.lm_head(h) if compute_logits else None
-        routed = torch.stack(routing, dim=2) if (return_routing and routing) else None
+        routed = own = None
+        if return_routing and routing:
+            routed = torch.stack(routing, dim=2)
+            own = routed if routed_experts is None else torch.stack(own_topk, dim=2)
         return ModelOutput(logits=logits, routed_experts=routed,
-                           hidden_states=h if return_hidden else None)
+                           hidden_states=h if return_hidden else None, router_topk=own)

@@ -53,17 +53,20 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.zeros(cfg.num_experts, cfg.hidden_size))
 
     def forward(self, x_ND: torch.Tensor, replay_ids_NK: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (weights_NK in x dtype, ids_NK int64)."""
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (weights_NK in x dtype, used ids_NK, the router's own top-k ids_NK).
+
+        Without replay the used and own ids are the same tensor; with replay the own top-k is what
+        the router would have chosen (for routing-agreement metrics)."""
         probs_NE = F.linear(x_ND, self.weight).float().softmax(dim=-1)
-        if replay_ids_NK is None:
-            w_NK, ids_NK = torch.topk(probs_NE, self.top_k, dim=-1)
-        else:
+        w_NK, own_NK = torch.topk(probs_NE, self.top_k, dim=-1)
+        ids_NK = own_NK
+        if replay_ids_NK is not None:
             ids_NK = replay_ids_NK.to(device=x_ND.device, dtype=torch.long)
             w_NK = probs_NE.gather(-1, ids_NK)
         if self.norm_topk_prob:
             w_NK = w_NK / w_NK.sum(dim=-1, keepdim=True)
-        return w_NK.to(x_ND.dtype), ids_NK
+        return w_NK.to(x_ND.dtype), ids_NK, own_NK
 
 
 class GroupedExperts(nn.Module):
@@ -112,11 +115,11 @@ class MoEBlock(nn.Module):
         self.experts = GroupedExperts(cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size)
 
     def forward(self, x_BTD: torch.Tensor, replay_ids_BTK: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (output [B, T, D], routed expert ids [B, T, K])."""
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (output [B, T, D], used expert ids [B, T, K], router's own top-k [B, T, K])."""
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(B * T, D)
         replay = None if replay_ids_BTK is None else replay_ids_BTK.reshape(B * T, -1)
-        w_NK, ids_NK = self.gate(x_ND, replay)
+        w_NK, ids_NK, own_NK = self.gate(x_ND, replay)
         y_ND = self.experts(x_ND, ids_NK, w_NK)
-        return y_ND.view(B, T, D), ids_NK.view(B, T, -1)
+        return y_ND.view(B, T, D), ids_NK.view(B, T, -1), own_NK.view(B, T, -1)
