@@ -33,6 +33,7 @@ def forward_logprobs(model, batch: TrainBatch, temperature: float, replay: bool,
         result["entropy"] = -(p * logits.log_softmax(-1)).sum(-1)
     if return_routing:
         result["routed_experts"] = out.routed_experts
+        result["router_topk"] = out.router_topk
     return result
 
 
