@@ -62,7 +62,7 @@ def load_state(checkpoint_uri: str, cfg: GRPOConfig | None = None) -> GRPOState:
     model = MoEForCausalLM(ckpt.model_config)
     model.load_state_dict(ckpt.model_state)
     model.to(device=device, dtype=DTYPES[cfg.train.dtype])
-    tokenizer = Tokenizer.from_pretrained(checkpoint_uri)
+    tokenizer = Tokenizer.from_files(ckpt.side_files, source=checkpoint_uri)
     dataset = PromptDataset(cfg.data)
     batcher = PromptBatcher(dataset, batch_size=cfg.rollout.prompts_per_step, seed=cfg.seed)
     if world > 1:

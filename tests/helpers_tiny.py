@@ -43,3 +43,42 @@ def batch_from(samples, algo: AlgorithmConfig | None = None):
     adv = compute_advantages(torch.tensor([s.reward for s in samples]),
                              torch.tensor([s.group_index for s in samples]), mask, algo)
     return collate(samples, adv)
+
+
+def char_tokenizer():
+    """A character-level tokenizer over digits, '+-=?:', letters used in prompts, and <pad>/<eos>."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models, pre_tokenizers, decoders
+
+    from miles_lib.model.tokenizer import Tokenizer
+
+    chars = list("0123456789+-=?: QA\n")
+    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
+    tok = HFTok(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(["<pad>", "<eos>"])
+    return Tokenizer(tok, eos_token="<eos>", pad_token="<pad>")
+
+
+def write_prompts(path, n=64, seed=0):
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"prompt": f"Q:{a}+{b}=?\nA:", "label": str(a + b)}) + "\n")
+    return str(path)
+
+
+def tiny_base_checkpoint(tmp_path, seed=0):
+    """A random tiny MoE with the char tokenizer saved as a training checkpoint; returns its URI."""
+    from miles_lib.checkpoint import save_training_checkpoint
+
+    tok = char_tokenizer()
+    model = tiny_model(seed=seed, std=0.1, vocab_size=32, max_position_embeddings=64)
+    uri = str(tmp_path / "base")
+    save_training_checkpoint(uri, model.state_dict(), model.config, step=0, tokenizer=tok)
+    return uri

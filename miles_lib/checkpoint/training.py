@@ -186,6 +186,19 @@ def load_training_checkpoint(uri: str, device: torch.device | str | None = None)
     return TrainingCheckpoint(state, cfg, int(manifest["step"]), extra, manifest, side)
 
 
+def load_side_files(uri: str) -> dict[str, bytes]:
+    """The verified small HF side files (config.json, tokenizer files, ...) of a checkpoint."""
+    manifest = read_manifest(uri)
+    out = {}
+    for rel, digest in manifest["files"].items():
+        if rel.startswith("hf/"):
+            data = storage.read_bytes(storage.join(uri, rel))
+            if _sha(data) != digest:
+                raise CheckpointError(f"{uri}: checksum mismatch for file {rel} (corrupt or modified)")
+            out[rel[3:]] = data
+    return out
+
+
 def verify_checkpoint(uri: str) -> bool:
     """True iff ``uri`` holds a complete checkpoint whose checksums all verify."""
     try:

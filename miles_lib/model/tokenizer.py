@@ -59,15 +59,27 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, uri: str) -> "Tokenizer":
-        path = storage.join(uri, "tokenizer.json")
+        """From a HF folder (tokenizer.json [+ tokenizer_config.json]) or a training checkpoint."""
+        from miles_lib.checkpoint.training import MANIFEST, load_side_files
+
+        if storage.exists(storage.join(uri, MANIFEST)):
+            return cls.from_files(load_side_files(uri), source=uri)
+        files = {}
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            path = storage.join(uri, name)
+            if storage.exists(path):
+                files[name] = storage.read_bytes(path)
+        return cls.from_files(files, source=uri)
+
+    @classmethod
+    def from_files(cls, files: dict[str, bytes], source: str = "<memory>") -> "Tokenizer":
+        if "tokenizer.json" not in files:
+            raise CheckpointError(f"{source}: no tokenizer.json; save the tokenizer next to the model")
         try:
-            tok = HFTokenizer.from_str(storage.read_bytes(path).decode())
-        except FileNotFoundError:
-            raise CheckpointError(f"{uri}: no tokenizer.json; save the tokenizer next to the model") from None
+            tok = HFTokenizer.from_str(files["tokenizer.json"].decode())
         except Exception as e:
-            raise CheckpointError(f"{path}: cannot parse tokenizer ({e})") from None
-        cfg_path = storage.join(uri, "tokenizer_config.json")
-        special = json.loads(storage.read_bytes(cfg_path)) if storage.exists(cfg_path) else {}
+            raise CheckpointError(f"{source}/tokenizer.json: cannot parse tokenizer ({e})") from None
+        special = json.loads(files["tokenizer_config.json"]) if "tokenizer_config.json" in files else {}
 
         def tok_str(v):
             return v.get("content") if isinstance(v, dict) else v
