@@ -14,6 +14,7 @@ rank 0 writes the checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import pandas as pd
 import torch
@@ -28,6 +29,7 @@ from miles_lib.rollout import RolloutEngine
 from miles_lib.train import distributed as dist_utils
 from miles_lib.train.actor import Actor
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -43,6 +45,11 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("TrainConfig.device='cuda' but CUDA is not available; use 'cpu' or 'auto'")
     return torch.device(name)
+
+
+def _same_prompt_data(extra: dict, cfg: GRPOConfig, num_rows: int) -> bool:
+    saved = (extra.get("grpo_config") or {}).get("data", {})
+    return saved.get("path") == cfg.data.path and extra["batcher"].get("num_rows") == num_rows
 
 
 def load_state(checkpoint_uri: str, cfg: GRPOConfig | None = None) -> GRPOState:
@@ -64,7 +71,7 @@ def load_state(checkpoint_uri: str, cfg: GRPOConfig | None = None) -> GRPOState:
     model.to(device=device, dtype=DTYPES[cfg.train.dtype])
     tokenizer = Tokenizer.from_files(ckpt.side_files, source=checkpoint_uri)
     dataset = PromptDataset(cfg.data)
-    batcher = PromptBatcher(dataset, batch_size=cfg.rollout.prompts_per_step, seed=cfg.seed)
+    batcher = PromptBatcher(dataset, batch_size=cfg.rollout.prompts_per_step)  # seed: cfg.data.seed
     if world > 1:
         engine_model = MoEForCausalLM(ckpt.model_config)
         engine_model.load_state_dict(ckpt.model_state)
@@ -78,7 +85,11 @@ def load_state(checkpoint_uri: str, cfg: GRPOConfig | None = None) -> GRPOState:
                       batcher=batcher)
     if "actor" in extra:  # resuming a cycle output: restore the whole job state
         actor.load_state_dict(extra["actor"])
-        batcher.load_state_dict(extra["batcher"])
+        if _same_prompt_data(extra, cfg, len(dataset)):
+            batcher.load_state_dict(extra["batcher"])
+        else:  # retraining on a fresh prompt file: its order starts from the beginning
+            log.info("prompt data changed since %s was written; starting %s from its first batch",
+                     checkpoint_uri, cfg.data.path)
         set_rng_state(extra["rng"])
         state.step = int(extra["step"])
         state.weight_version = int(extra["weight_version"])

@@ -21,6 +21,7 @@ Memory cap: ``max_concurrent_seqs`` slots of ``max_seq_len`` positions are preal
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import threading
 
 import torch
@@ -160,7 +161,8 @@ class RolloutEngine:
         cache = self._ensure_cache()
         waiting = list(seqs)
         running: list[_Seq] = []
-        free = list(range(cache.num_slots))[::-1]
+        free = list(range(cache.num_slots))  # a min-heap: the lowest free slot is reused first,
+        # which keeps running sequences in consecutive slots (K/V are then read through views)
         group_left: dict[int, int] = {}
         for q in seqs:
             group_left[q.sample.group_index] = group_left.get(q.sample.group_index, 0) + 1
@@ -172,7 +174,7 @@ class RolloutEngine:
                 batch = []
                 while waiting and free and len(batch) < self.prefill_batch:
                     q = waiting.pop(0)
-                    q.slot = free.pop()
+                    q.slot = heapq.heappop(free)
                     batch.append(q)
                 self._prefill(cache, batch)
                 running += batch
@@ -182,12 +184,12 @@ class RolloutEngine:
             for q in running:
                 if q.sample.status in (Status.COMPLETED, Status.TRUNCATED):
                     cache.release(torch.tensor([q.slot], device=self.device))
-                    free.append(q.slot)
+                    heapq.heappush(free, q.slot)
                     group_left[q.sample.group_index] -= 1
                     done_groups += group_left[q.sample.group_index] == 0
                 else:
                     still.append(q)
-            running = still
+            running = sorted(still, key=lambda q: q.slot)
         for q in waiting + running:  # stopped early: hand back what was generated
             self._finish(q, Status.ABORTED)
             if q.slot >= 0:

@@ -45,10 +45,20 @@ class SlotKVCache:
         self._mask = self._mask[:, None]  # [B, 1, T, T]
         self._new_lengths = lengths
 
+    def _contiguous(self, slots: torch.Tensor) -> slice | None:
+        """slots as a slice when they are consecutive (then K/V are viewed, not gathered)."""
+        lo, n = int(slots[0]), slots.numel()
+        if torch.equal(slots, torch.arange(lo, lo + n, device=slots.device)):
+            return slice(lo, lo + n)
+        return None
+
     def begin_decode(self, slots: torch.Tensor) -> None:
         """Next forward: one token per slot at position lengths[slot]."""
         self._mode, self._slots = "decode", slots
+        self._range = self._contiguous(slots)
         pos = self.lengths[slots]
+        self._pos = pos
+        self._rows = torch.arange(slots.numel(), device=slots.device)
         self._window = int(pos.max()) + 1
         self._mask = (torch.arange(self._window, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
 
@@ -69,9 +79,15 @@ class SlotKVCache:
             K[slots, :, :T] = k.to(K.dtype)
             V[slots, :, :T] = v.to(V.dtype)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask, enable_gqa=gqa)
-        pos = self.lengths[slots]
-        K[slots, :, pos] = k[:, :, 0].to(K.dtype)
-        V[slots, :, pos] = v[:, :, 0].to(V.dtype)
-        Kw = K[slots, :, : self._window]
-        Vw = V[slots, :, : self._window]
+        pos = self._pos
+        if self._range is not None:  # consecutive slots: write and read through views, no gather copy
+            Kr, Vr = K[self._range], V[self._range]
+            Kr[self._rows, :, pos] = k[:, :, 0].to(K.dtype)
+            Vr[self._rows, :, pos] = v[:, :, 0].to(V.dtype)
+            Kw, Vw = Kr[:, :, : self._window], Vr[:, :, : self._window]
+        else:
+            K[slots, :, pos] = k[:, :, 0].to(K.dtype)
+            V[slots, :, pos] = v[:, :, 0].to(V.dtype)
+            Kw = K[slots, :, : self._window]
+            Vw = V[slots, :, : self._window]
         return F.scaled_dot_product_attention(q, Kw, Vw, attn_mask=self._mask, enable_gqa=gqa)
