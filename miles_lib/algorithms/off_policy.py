@@ -1,127 +1,194 @@
-"""Train-inference mismatch correction. One signature:
+"""Train-inference mismatch: correction weights, the old-policy choice, and mismatch metrics.
 
-    fn(train_logp_SR, rollout_logp_SR, mask_SR, cfg) -> (weights_SR, keep_SR, metrics)
+The rollout engine and the trainer compute the "same" probabilities with different kernels (and,
+for MoE, possibly different routing), so the samples come from π_rollout, not from π_train:
 
-ρ_t = π_train(y_t; θ_old) / π_rollout(y_t; θ_old) = exp(train_logp - rollout_logp): the trainer's
-recomputed probability over the engine's for the same weights. Weights are stop-gradient and
-multiply the per-token policy loss; ``keep`` zeroes tokens out of the loss (and its token count).
+    ρ_t = π_train(y_t; θ_old) / π_rollout(y_t; θ_old) = exp(Δ_t),  Δ_t = train_logp_t - rollout_logp_t
 
-none        w = 1
-tis         w_t = clamp(ρ_t, C_low, C)                  truncated IS, token level (Yao et al. 2025,
-                                                         "Your efficient RL framework secretly brings you off-policy RL")
-tis_seq     w_i = clamp(Π_t ρ_t, C_low, C)  (log space)  sequence level, broadcast to tokens
-mis         w_t = ρ_t if C_low <= ρ_t <= C else 0        masked IS, token level (C_low defaults to 0)
-mis_seq     w_i = ρ_i if C_low <= ρ_i <= C else 0,  ρ_i = exp(Σ_t log ρ_t)
-icepop      w_t = ρ_t if a <= ρ_t <= b else 0           IcePop (Ring-1T, inclusionAI 2025), [a, b] =
-                                                         [icepop_low, icepop_high] = [0.5, 5] by default
-geo_mean    keep_i = [low <= exp(mean_t log ρ_t) <= high], w = 1   geometric-mean sequence filter
-Bounds are inclusive: ρ exactly on a bound is kept / not clipped.
-(C = is_upper, C_low = is_lower.)
+Shape legend: S samples, R token positions; mask_SR marks response tokens (nonzero = a response
+token; here it is a 0/1 selector, not a weight).
+
+Every correction has ONE signature and is registered by name in ``OFF_POLICY``:
+
+    fn(train_logp_SR, rollout_logp_SR, mask_SR, cfg) -> (weights_SR, keep_mask_SR, metrics)
+
+weights are detached (stop-gradient) and multiply the per-token policy-gradient loss; keep_mask
+(a subset of mask) marks the tokens left in the loss; both are 0 outside the mask. metrics are Python
+floats over the masked tokens, same keys for every mode: is_weight_mean, is_clip_frac (tokens whose
+weight was truncated), is_mask_frac (tokens dropped). Sequence modes count the tokens of affected
+sequences.
+
+    none      w_t = 1
+    tis       w_t = clamp(ρ_t, C_low, C)               truncated IS, token level (Yao et al. 2025, "Your
+                                                      Efficient RL Framework Secretly Brings You Off-Policy RL Training")
+    tis_seq   w_i = clamp(Π_t ρ_t, C_low, C)           sequence level, in log space, broadcast to tokens
+    mis       w_t = ρ_t if C_low <= ρ_t <= C else 0    masked IS, token level
+    mis_seq   w_i = ρ_i if C_low <= ρ_i <= C else 0,  ρ_i = exp(Σ_t Δ_t)
+    icepop    w_t = ρ_t if a <= ρ_t <= b else 0        IcePop (inclusionAI 2025, Ring-1T): two-sided
+                                                      token mask; our choice: the kept tokens keep their
+                                                      IS weight ρ_t (the write-up's M(k) = k inside [a, b])
+    geo_mean  keep_i = [g_low <= exp(mean_t Δ_t) <= g_high], w = keep (a filter: no re-weighting)
+
+Config fields: C = is_upper (2.0), C_low = is_lower (None: no lower clip / bound), [a, b] =
+[icepop_low, icepop_high] ([0.5, 5]), [g_low, g_high] = [geo_mean_low, geo_mean_high] ([0.999, 1.001]).
+
+Bounds are INCLUSIVE and decided in log space, Δ against log(bound) rounded to Δ's dtype: a ρ equal
+to a bound is kept / not clipped. (Comparing exp(Δ) instead would let rounding decide.)
 """
 
 from __future__ import annotations
 
+import math
+from typing import TYPE_CHECKING
+
 import torch
 
-from miles_lib.algorithms.config import AlgorithmConfig
 from miles_lib.algorithms.registry import Registry
 
-OFF_POLICY: Registry = Registry("off-policy correction")
+if TYPE_CHECKING:
+    from miles_lib.algorithms.config import AlgorithmConfig
+
+OFF_POLICY: Registry = Registry(
+    "off-policy correction", params=("train_logp_SR", "rollout_logp_SR", "mask_SR", "cfg"))
 
 
-def _masked_mean(x, mask):
-    return float((x * mask).sum() / mask.sum().clamp(min=1))
+# ---- helpers ------------------------------------------------------------------------------------
+def _delta(train_logp_SR, rollout_logp_SR, mask_SR) -> torch.Tensor:
+    """Δ = train - rollout on masked tokens (0 elsewhere), detached, at least float32."""
+    dtype = torch.promote_types(train_logp_SR.dtype, torch.float32)
+    d = train_logp_SR.detach().to(dtype) - rollout_logp_SR.detach().to(dtype)
+    return torch.where(mask_SR != 0, d, 0.0)
 
 
-def _seq_log_rho(log_rho, mask):
-    return (log_rho * mask).sum(-1, keepdim=True)
+def _log_bound(value: float | None, like: torch.Tensor, default: float) -> torch.Tensor:
+    v = math.log(value) if value else default  # None or 0 -> default (-inf: no lower bound)
+    return torch.tensor(v, dtype=like.dtype, device=like.device)
 
 
+def _seq_sum(d_SR: torch.Tensor) -> torch.Tensor:
+    return d_SR.sum(-1, keepdim=True)  # Δ is 0 outside the mask
+
+
+def _mean(x: torch.Tensor, m: torch.Tensor) -> float:
+    return float(torch.where(m, x, 0.0).sum() / m.sum().clamp(min=1))
+
+
+def _result(w, keep, clipped, m) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    w = torch.where(m, w, 0.0).expand(m.shape).detach()
+    keep = (keep & m).to(w.dtype)
+    metrics = {"is_weight_mean": _mean(w, m), "is_clip_frac": _mean(clipped.expand(m.shape).to(w.dtype), m),
+               "is_mask_frac": _mean((~keep.bool()).to(w.dtype), m)}
+    return w, keep, metrics
+
+
+def _truncate(log_rho, lo, hi):
+    """clamp(exp(log_rho), exp(lo), exp(hi)) with the bound values exact when clipped."""
+    w = torch.where(log_rho > hi, hi.exp(), log_rho.exp())
+    w = torch.where(log_rho < lo, lo.exp(), w)
+    return w, (log_rho > hi) | (log_rho < lo)
+
+
+# ---- corrections --------------------------------------------------------------------------------
 @OFF_POLICY.register("none")
-def no_correction(train_logp, rollout_logp, mask, cfg: AlgorithmConfig):
-    ones = torch.ones_like(mask, dtype=torch.float)
-    return ones, ones, {}
+def no_correction(train_logp_SR, rollout_logp_SR, mask_SR, cfg: AlgorithmConfig):
+    m = mask_SR != 0
+    ones = torch.ones(m.shape, dtype=torch.float32, device=m.device)
+    return _result(ones, m, torch.zeros_like(m), m)
 
 
 @OFF_POLICY.register("tis")
-def tis(train_logp, rollout_logp, mask, cfg: AlgorithmConfig):
-    rho = torch.exp(train_logp - rollout_logp).detach()
-    w = rho.clamp(min=cfg.is_lower or 0.0, max=cfg.is_upper)
-    m = mask.float()
-    clipped = (rho > cfg.is_upper) | ((rho < cfg.is_lower) if cfg.is_lower is not None else torch.zeros_like(m, dtype=torch.bool))
-    return w * m, m, {"is_weight_mean": _masked_mean(w, m), "is_clip_frac": _masked_mean(clipped.float(), m)}
+def tis(train_logp_SR, rollout_logp_SR, mask_SR, cfg: AlgorithmConfig):
+    d, m = _delta(train_logp_SR, rollout_logp_SR, mask_SR), mask_SR != 0
+    w, clipped = _truncate(d, _log_bound(cfg.is_lower, d, -math.inf), _log_bound(cfg.is_upper, d, math.inf))
+    return _result(w, m, clipped, m)
 
 
 @OFF_POLICY.register("tis_seq")
-def tis_seq(train_logp, rollout_logp, mask, cfg: AlgorithmConfig):
-    m = mask.float()
-    log_rho_i = _seq_log_rho((train_logp - rollout_logp).detach(), m)
-    lo = torch.log(torch.tensor(cfg.is_lower)) if cfg.is_lower else torch.tensor(float("-inf"))
-    w = torch.exp(log_rho_i.clamp(min=lo, max=torch.log(torch.tensor(cfg.is_upper)))).expand_as(m)
-    clipped = ((log_rho_i > torch.log(torch.tensor(cfg.is_upper))) | (log_rho_i < lo)).float().expand_as(m)
-    return w * m, m, {"is_weight_mean": _masked_mean(w, m), "is_clip_frac": _masked_mean(clipped, m)}
+def tis_seq(train_logp_SR, rollout_logp_SR, mask_SR, cfg: AlgorithmConfig):
+    d, m = _delta(train_logp_SR, rollout_logp_SR, mask_SR), mask_SR != 0
+    w, clipped = _truncate(_seq_sum(d), _log_bound(cfg.is_lower, d, -math.inf),
+                           _log_bound(cfg.is_upper, d, math.inf))
+    return _result(w, m, clipped, m)
 
 
-def _mask_by_rho(rho, m, low, high):
-    inside = ((rho >= low) & (rho <= high)).float()
-    w = rho * inside * m
-    keep = inside * m
-    return w, keep, {"is_weight_mean": _masked_mean(w, m), "is_mask_frac": _masked_mean(1 - inside, m)}
+def _mask_outside(log_rho, m, lo, hi):
+    inside = (log_rho >= lo) & (log_rho <= hi)
+    w = torch.where(inside, log_rho.exp(), 0.0)
+    return _result(w, inside.expand(m.shape), torch.zeros_like(m), m)
 
 
 @OFF_POLICY.register("mis")
-def mis(train_logp, rollout_logp, mask, cfg: AlgorithmConfig):
-    rho = torch.exp(train_logp - rollout_logp).detach()
-    return _mask_by_rho(rho, mask.float(), cfg.is_lower or 0.0, cfg.is_upper)
+def mis(train_logp_SR, rollout_logp_SR, mask_SR, cfg: AlgorithmConfig):
+    d, m = _delta(train_logp_SR, rollout_logp_SR, mask_SR), mask_SR != 0
+    return _mask_outside(d, m, _log_bound(cfg.is_lower, d, -math.inf), _log_bound(cfg.is_upper, d, math.inf))
 
 
 @OFF_POLICY.register("mis_seq")
-def mis_seq(train_logp, rollout_logp, mask, cfg: AlgorithmConfig):
-    m = mask.float()
-    rho_i = torch.exp(_seq_log_rho((train_logp - rollout_logp).detach(), m)).expand_as(m)
-    return _mask_by_rho(rho_i, m, cfg.is_lower or 0.0, cfg.is_upper)
+def mis_seq(train_logp_SR, rollout_logp_SR, mask_SR, cfg: AlgorithmConfig):
+    d, m = _delta(train_logp_SR, rollout_logp_SR, mask_SR), mask_SR != 0
+    return _mask_outside(_seq_sum(d), m, _log_bound(cfg.is_lower, d, -math.inf),
+                         _log_bound(cfg.is_upper, d, math.inf))
 
 
 @OFF_POLICY.register("icepop")
-def icepop(train_logp, rollout_logp, mask, cfg: AlgorithmConfig):
-    rho = torch.exp(train_logp - rollout_logp).detach()
-    return _mask_by_rho(rho, mask.float(), cfg.icepop_low, cfg.icepop_high)
+def icepop(train_logp_SR, rollout_logp_SR, mask_SR, cfg: AlgorithmConfig):
+    d, m = _delta(train_logp_SR, rollout_logp_SR, mask_SR), mask_SR != 0
+    return _mask_outside(d, m, _log_bound(cfg.icepop_low, d, -math.inf), _log_bound(cfg.icepop_high, d, math.inf))
 
 
 @OFF_POLICY.register("geo_mean")
-def geo_mean(train_logp, rollout_logp, mask, cfg: AlgorithmConfig):
-    m = mask.float()
-    n = m.sum(-1, keepdim=True).clamp(min=1)
-    geo = torch.exp(_seq_log_rho((train_logp - rollout_logp).detach(), m) / n)
-    keep = ((geo >= cfg.geo_mean_low) & (geo <= cfg.geo_mean_high)).float().expand_as(m) * m
-    return keep, keep, {"is_mask_frac": _masked_mean(1 - keep, m)}
+def geo_mean_filter(train_logp_SR, rollout_logp_SR, mask_SR, cfg: AlgorithmConfig):
+    d, m = _delta(train_logp_SR, rollout_logp_SR, mask_SR), mask_SR != 0
+    mean_log_rho = _seq_sum(d) / m.sum(-1, keepdim=True).clamp(min=1)
+    keep = ((mean_log_rho >= _log_bound(cfg.geo_mean_low, d, -math.inf))
+            & (mean_log_rho <= _log_bound(cfg.geo_mean_high, d, math.inf))).expand(m.shape)
+    return _result(keep.to(d.dtype), keep, torch.zeros_like(m), m)
 
 
-def off_policy_weights(train_logp, rollout_logp, mask, cfg: AlgorithmConfig):
-    """(weights, keep, metrics) for cfg.off_policy; 'none' when rollout log-probs are absent."""
-    if rollout_logp is None:
+# ---- entry points the trainer calls -------------------------------------------------------------
+def off_policy_weights(train_logp_SR, rollout_logp_SR, mask_SR, cfg: AlgorithmConfig):
+    """(weights, keep_mask, metrics) of cfg.off_policy. Without rollout log-probs only 'none' works."""
+    if rollout_logp_SR is None:
         if cfg.off_policy != "none":
-            raise ValueError(f"off_policy={cfg.off_policy!r} needs rollout log-probs, and the samples have none")
-        return no_correction(train_logp, train_logp, mask, cfg)
-    return OFF_POLICY.get(cfg.off_policy)(train_logp, rollout_logp, mask, cfg)
+            raise ValueError(f"off_policy={cfg.off_policy!r} needs rollout log-probs and the samples have "
+                             "none: make the rollout engine return them, or set off_policy='none'")
+        return no_correction(train_logp_SR, train_logp_SR, mask_SR, cfg)
+    return OFF_POLICY.get(cfg.off_policy)(train_logp_SR, rollout_logp_SR, mask_SR, cfg)
 
 
-def mismatch_metrics(train_logp, rollout_logp, mask) -> dict[str, float]:
-    """Train-inference mismatch on response tokens (DESIGN §5):
-    train_rollout_logprob_abs_diff = mean |Δ|, train_rollout_exp_abs_diff = mean exp|Δ|,
-    train_rollout_k3_kl = mean k3(train || rollout) = mean exp(-Δ) + Δ - 1, Δ = train_logp - rollout_logp."""
-    m = mask.float()
-    d = (train_logp - rollout_logp).detach().float()
-    return {"train_rollout_logprob_abs_diff": _masked_mean(d.abs(), m),
-            "train_rollout_logprob_abs_diff_max": float((d.abs() * m).max()) if m.sum() > 0 else 0.0,
-            "train_rollout_exp_abs_diff": _masked_mean(torch.exp(d.abs()), m),
-            "train_rollout_k3_kl": _masked_mean(torch.exp(-d) + d - 1, m)}
-
-
-def choose_old_logp(train_old_logp, rollout_logp, cfg: AlgorithmConfig):
-    """π_old for the PPO ratio: the trainer's recompute, or the rollout's log-probs (bypass)."""
+def choose_old_logp(train_old_logp_SR, rollout_logp_SR, cfg: AlgorithmConfig) -> torch.Tensor:
+    """logπ_old for the PPO ratio: the trainer's recompute, or -- with use_rollout_logprobs_as_old --
+    the rollout engine's log-probs (skips the recompute; the ratio then also absorbs the mismatch)."""
     if cfg.use_rollout_logprobs_as_old:
-        if rollout_logp is None:
-            raise ValueError("use_rollout_logprobs_as_old needs rollout log-probs, and the samples have none")
-        return rollout_logp
-    return train_old_logp
+        if rollout_logp_SR is None:
+            raise ValueError("use_rollout_logprobs_as_old=True needs rollout log-probs and the samples "
+                             "have none: make the rollout engine return them, or turn the flag off")
+        return rollout_logp_SR
+    if train_old_logp_SR is None:
+        raise ValueError("no old log-probs: recompute them with the trainer, or set "
+                         "use_rollout_logprobs_as_old=True")
+    return train_old_logp_SR
+
+
+def mismatch_metrics(train_logp_SR, rollout_logp_SR, mask_SR) -> dict[str, float]:
+    """Train-inference mismatch over masked tokens (DESIGN §5), with Δ_t = train_logp_t - rollout_logp_t:
+
+        train_rollout_logprob_abs_diff      mean |Δ_t|
+        train_rollout_logprob_abs_diff_max  max |Δ_t|
+        train_rollout_exp_abs_diff          mean exp(|Δ_t|) = mean max(ρ_t, 1/ρ_t)   (>= 1; 1 = aligned)
+        train_rollout_prob_abs_diff         mean |π_train(y_t) - π_rollout(y_t)|     (probability space)
+        train_rollout_k3_kl                 mean (ρ_t - Δ_t - 1): k3 estimate of KL(π_rollout || π_train)
+                                            from the rollout's own samples (>= 0)
+    All 0 for an empty mask.
+    """
+    m = mask_SR != 0
+    d = _delta(train_logp_SR, rollout_logp_SR, mask_SR)
+    a = d.abs()
+    probs = (train_logp_SR.detach().to(d.dtype).exp() - rollout_logp_SR.detach().to(d.dtype).exp()).abs()
+    return {
+        "train_rollout_logprob_abs_diff": _mean(a, m),
+        "train_rollout_logprob_abs_diff_max": float(a.max()) if a.numel() else 0.0,
+        "train_rollout_exp_abs_diff": _mean(a.exp(), m),
+        "train_rollout_prob_abs_diff": _mean(probs, m),
+        "train_rollout_k3_kl": _mean(d.clamp(max=20).exp() - d - 1, m),
+    }
