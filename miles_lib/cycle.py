@@ -47,6 +47,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def load_policy(uri: str) -> MoEForCausalLM:
+    """Weights from a training checkpoint (manifest.json) or a HF folder (config.json)."""
+    from miles_lib import storage
+    from miles_lib.checkpoint import MANIFEST
+
+    if storage.exists(storage.join(uri, MANIFEST)):
+        ckpt = load_training_checkpoint(uri)
+        model = MoEForCausalLM(ckpt.model_config)
+        model.load_state_dict(ckpt.model_state)
+        return model
+    return MoEForCausalLM.from_pretrained(uri)
+
+
 def _same_prompt_data(extra: dict, cfg: GRPOConfig, num_rows: int) -> bool:
     saved = (extra.get("grpo_config") or {}).get("data", {})
     return saved.get("path") == cfg.data.path and extra["batcher"].get("num_rows") == num_rows
@@ -79,7 +92,11 @@ def load_state(checkpoint_uri: str, cfg: GRPOConfig | None = None) -> GRPOState:
         dist_utils.shard_model(model)
     else:
         engine_model = model  # colocated, zero-copy weight sync
-    actor = Actor(model, cfg.train, cfg.algorithm)
+    ref_model = None
+    if cfg.algorithm.kl_loss_coef > 0:
+        ref_model = load_policy(cfg.reference_checkpoint).to(device=device, dtype=DTYPES[cfg.train.dtype]).eval()
+        ref_model.requires_grad_(False)
+    actor = Actor(model, cfg.train, cfg.algorithm, ref_model=ref_model)
     engine = RolloutEngine(engine_model, max_concurrent_seqs=cfg.rollout.max_concurrent_seqs)
     state = GRPOState(cfg=cfg, model=model, tokenizer=tokenizer, actor=actor, engine=engine,
                       batcher=batcher)

@@ -77,9 +77,16 @@ class GRPOConfig(ConfigBase):
     reward: str = "math"
     steps_per_cycle: int = 10
     seed: int = 0
+    reference_checkpoint: str = ""  # π_ref for the KL loss (training checkpoint or HF folder/URI)
 
     def __post_init__(self) -> None:
         check(self.steps_per_cycle > 0, "GRPOConfig", "steps_per_cycle", self.steps_per_cycle, "> 0")
+        if self.algorithm.kl_loss_coef > 0:
+            check(bool(self.reference_checkpoint), "GRPOConfig", "reference_checkpoint",
+                  self.reference_checkpoint, "set (the reference policy) when algorithm.kl_loss_coef > 0")
+        check(self.algorithm.kl_in_reward_coef == 0, "GRPOConfig", "algorithm.kl_in_reward_coef",
+              self.algorithm.kl_in_reward_coef, "0: the colocated loop computes advantages before the "
+              "reference log-probs; use algorithm.kl_loss_coef for a KL penalty")
         check(bool(self.reward), "GRPOConfig", "reward", self.reward,
               "a reward name ('math', 'exact_match') or 'package.module:function'")
 

@@ -64,3 +64,21 @@ def test_split_run_equals_uninterrupted_run(tmp_path):
     opt_a, opt_b = full.extra["actor"]["optimizer"]["state"], resumed.extra["actor"]["optimizer"]["state"]
     for i in opt_a:
         assert torch.equal(opt_a[i]["exp_avg"], opt_b[i]["exp_avg"])
+
+
+def test_kl_loss_uses_reference_checkpoint(tmp_path):
+    import pytest
+
+    from miles_lib.errors import ConfigError
+
+    base = tiny_base_checkpoint(tmp_path)
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    with pytest.raises(ConfigError, match="reference_checkpoint"):
+        small_config(prompts, algorithm={"kl_loss_coef": 0.1})
+    cfg = small_config(prompts, algorithm={"kl_loss_coef": 0.1}, reference_checkpoint=base)
+    res = run_cycle(cfg, base, str(tmp_path / "c1"), num_steps=1, progress=False)
+    assert res.metrics["kl_loss"].iloc[0] == 0.0  # policy == reference before the first update
+    other = tiny_base_checkpoint(tmp_path / "other", seed=1)  # a different reference policy
+    cfg = cfg.override(reference_checkpoint=other)
+    res = run_cycle(cfg, base, str(tmp_path / "c2"), num_steps=1, progress=False)
+    assert res.metrics["kl_loss"].iloc[0] > 0.0

@@ -107,7 +107,9 @@ class Actor:
         sums: dict[str, float] = {}
         for start in range(0, S, mini):
             idx = slice(start, start + mini)
-            mb_tokens = dist_utils.all_reduce_sum(mask[idx].sum().reshape(1))[0].item()
+            kept = mask[idx] * keep_mask[idx]  # tokens masked by MIS / IcePop / geo-mean do not count
+            counts = dist_utils.all_reduce_sum(torch.stack([kept.sum(), (kept.sum(-1) > 0).sum().float()]))
+            mb_tokens, mb_seqs = float(counts[0]), float(counts[1])
             self.optimizer.zero_grad(set_to_none=True)
             loss_total = 0.0
             for ms in range(start, min(S, start + mini), cfg.micro_batch_size):
@@ -120,7 +122,8 @@ class Actor:
                     mask=micro.response_mask_SL * keep_mask[midx], cfg=algo,
                     is_weights=is_weights[midx],
                     ref_logp=None if ref_logp is None else ref_logp[midx],
-                    entropy=out.get("entropy"), global_num_tokens=max(mb_tokens, 1.0))
+                    entropy=out.get("entropy"), global_num_tokens=max(mb_tokens, 1.0),
+                    global_num_seqs=max(mb_seqs, 1.0))
                 (loss * world).backward()
                 loss_total += float(loss.detach())
                 for k, v in m.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from miles_lib.algorithms.kl import entropy_from_logits
 from miles_lib.train.batch import TrainBatch
 
 
@@ -28,9 +29,7 @@ def forward_logprobs(model, batch: TrainBatch, temperature: float, replay: bool,
                 return_routing=return_routing)
     result = {"logp": token_logprobs(out.logits, batch.targets_SL, temperature)}
     if return_entropy:
-        logits = out.logits.float() / (temperature if temperature > 0 else 1.0)
-        p = logits.softmax(-1)
-        result["entropy"] = -(p * logits.log_softmax(-1)).sum(-1)
+        result["entropy"] = entropy_from_logits(out.logits.float() / (temperature if temperature > 0 else 1.0))
     if return_routing:
         result["routed_experts"] = out.routed_experts
         result["router_topk"] = out.router_topk
