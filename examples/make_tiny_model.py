@@ -78,7 +78,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.path.join(ROOT, "examples", "tiny-moe"))
     ap.add_argument("--data-dir", default=os.path.join(ROOT, "examples", "data"))
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=470, help="SFT steps taken (stops early on purpose)")
+    ap.add_argument("--horizon", type=int, default=1500, help="steps the LR schedule is laid out for")
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--seed", type=int, default=0)
@@ -101,9 +102,9 @@ def main() -> None:
     cfg = model_config(tok)
     model = MoEForCausalLM(cfg).init_weights(args.seed, std=0.02)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01)
-    warm = max(1, args.steps // 20)
+    warm = max(1, args.horizon // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.steps))))
+        opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / args.horizon))))
     rng = random.Random(args.seed)
     log = []
     for step in range(args.steps):
@@ -121,15 +122,16 @@ def main() -> None:
         if args.eval_every and (step + 1) % args.eval_every == 0:
             m = evaluate(model.eval(), tok, eval_rows[:200])
             model.train()
-            log.append({"step": step + 1, "loss": float(loss), **m})
+            log.append({"step": step + 1, "loss": float(loss.detach()), **m})
             print(json.dumps(log[-1]), flush=True)
     model.eval()
     final = evaluate(model, tok, eval_rows)
     seconds = time.time() - t0
-    model.save_pretrained(args.out, tokenizer=tok) if "tokenizer" in MoEForCausalLM.save_pretrained.__code__.co_varnames else model.save_pretrained(args.out)
-    tok.save_pretrained(args.out)
+    from miles_lib.model.hf_io import save_pretrained
+
+    save_pretrained(model, args.out, tokenizer=tok)
     report = {"command": "python examples/make_tiny_model.py " + " ".join(sys.argv[1:]), "seed": args.seed,
-              "sft_steps": args.steps, "batch": args.batch, "seconds": round(seconds, 1),
+              "sft_steps": args.steps, "lr_horizon": args.horizon, "batch": args.batch, "seconds": round(seconds, 1),
               "eval_prompts": len(eval_rows), **{k: round(v, 4) for k, v in final.items()}}
     with open(os.path.join(args.out, "base_eval.json"), "w") as f:
         json.dump(report, f, indent=2)

@@ -72,3 +72,19 @@ def evaluate(model: torch.nn.Module, tokenizer: Tokenizer, rows: list[dict], cfg
         summary[f"pass@{cfg.k}"] = float(table[f"pass@{cfg.k}"].mean())
         summary["sampled_accuracy"] = float(sum(correct) / (cfg.k * len(rows)))
     return table, summary
+
+
+def evaluate_checkpoint(checkpoint_uri: str, cfg) -> tuple[pd.DataFrame, dict[str, float]]:
+    """``evaluate`` on a training checkpoint with the eval section of a GRPOConfig."""
+    from miles_lib.cycle import DTYPES, load_policy, resolve_device
+    from miles_lib.data.dataset import DataConfig, PromptDataset
+
+    model = load_policy(checkpoint_uri).to(device=resolve_device(cfg.train.device),
+                                           dtype=DTYPES[cfg.train.dtype]).eval()
+    tokenizer = Tokenizer.from_pretrained(checkpoint_uri)
+    data = DataConfig(path=cfg.eval.path, input_key=cfg.data.input_key, label_key=cfg.data.label_key,
+                      chat_template=cfg.data.chat_template, on_bad_row=cfg.data.on_bad_row, shuffle=False)
+    dataset = PromptDataset(data)
+    rows = [dataset[i] for i in range(len(dataset))]
+    return evaluate(model, tokenizer, rows, cfg.eval, reward=cfg.reward,
+                    max_concurrent_seqs=cfg.rollout.max_concurrent_seqs)
