@@ -155,6 +155,9 @@ class RolloutEngine:
             c = self.model.config
             self._cache = SlotKVCache(c.num_hidden_layers, self.max_concurrent_seqs, self.max_seq_len,
                                       c.num_key_value_heads, c.head_dim, self.dtype, self.device)
+            self._route_buf = torch.zeros(self.max_concurrent_seqs, self.max_seq_len,
+                                          max(1, self.num_moe_layers), max(1, self.top_k),
+                                          dtype=torch.int32, device=self.device)
         return self._cache
 
     def _run(self, seqs: list[_Seq], target_groups: int | None) -> None:
@@ -167,6 +170,7 @@ class RolloutEngine:
         for q in seqs:
             group_left[q.sample.group_index] = group_left.get(q.sample.group_index, 0) + 1
         done_groups = 0
+        state = None  # device tensors of the running set; rebuilt only when the set changes
         while waiting or running:
             if self._abort.is_set() or (target_groups is not None and done_groups >= target_groups):
                 break
@@ -178,23 +182,39 @@ class RolloutEngine:
                     batch.append(q)
                 self._prefill(cache, batch)
                 running += batch
+                state = None
             else:
-                self._decode(cache, running)
+                if state is None:
+                    state = self._batch_state(running)
+                self._decode(cache, running, state)
             still = []
             for q in running:
                 if q.sample.status in (Status.COMPLETED, Status.TRUNCATED):
-                    cache.release(torch.tensor([q.slot], device=self.device))
                     heapq.heappush(free, q.slot)
                     group_left[q.sample.group_index] -= 1
                     done_groups += group_left[q.sample.group_index] == 0
+                    state = None
                 else:
                     still.append(q)
             running = sorted(still, key=lambda q: q.slot)
         for q in waiting + running:  # stopped early: hand back what was generated
             self._finish(q, Status.ABORTED)
-            if q.slot >= 0:
-                cache.release(torch.tensor([q.slot], device=self.device))
         self._abort.clear()
+
+    def _batch_state(self, seqs: list[_Seq]) -> dict:
+        dev = self.device
+        host_slots = [q.slot for q in seqs]
+        params = [q.params for q in seqs]
+        return {
+            "slots": torch.tensor(host_slots, device=dev), "range": SlotKVCache.contiguous(host_slots),
+            "temp": torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float),
+            "top_k": torch.tensor([p.top_k for p in params], device=dev),
+            "top_p": torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float),
+            "seeds": torch.tensor([q.seed for q in seqs], device=dev),
+            "any_filter": any(p.top_k > 0 or p.top_p < 1 for p in params),
+            "all_greedy": all(p.temperature <= 0 for p in params),
+            "last_tokens": torch.tensor([[q.sample.tokens[-1]] for q in seqs], device=dev),
+        }
 
     def _forward(self, cache: SlotKVCache, ids: torch.Tensor, pos: torch.Tensor, last_idx: torch.Tensor):
         out = self.model(ids, position_ids=pos, kv_cache=cache, return_routing=self.num_moe_layers > 0,
@@ -211,37 +231,36 @@ class RolloutEngine:
             ids[b, : lens[b]] = torch.tensor(q.sample.tokens)
         ids = ids.to(self.device)
         lengths = torch.tensor(lens, device=self.device)
-        slots = torch.tensor([q.slot for q in batch], device=self.device)
-        cache.begin_prefill(slots, lengths)
+        state = self._batch_state(batch)
+        cache.begin_prefill(state["slots"], lengths, T)
         pos = torch.arange(T, device=self.device).expand(len(batch), T)
         logits, routing = self._forward(cache, ids, pos, lengths - 1)
-        for b, q in enumerate(batch):
-            if routing is not None:
-                # rows already recorded during generation are kept (resume); new rows appended
-                new_rows = routing[b, : lens[b]].cpu()
-                q.routing = q.routing[: lens[b] - 1] + list(new_rows[len(q.routing[: lens[b] - 1]):])
-        self._sample(batch, logits, lengths)
-
-    def _decode(self, cache: SlotKVCache, running: list[_Seq]) -> None:
-        slots = torch.tensor([q.slot for q in running], device=self.device)
-        ids = torch.tensor([[q.sample.tokens[-1]] for q in running], device=self.device)
-        pos = cache.lengths[slots][:, None].clone()
-        cache.begin_decode(slots)
-        logits, routing = self._forward(cache, ids, pos, torch.zeros(len(running), dtype=torch.long, device=self.device))
         if routing is not None:
-            rows = routing[:, 0].cpu()
-            for b, q in enumerate(running):
-                q.routing.append(rows[b])
-        self._sample(running, logits, pos[:, 0] + 1)
+            self._route_buf[state["slots"], :T] = routing.to(torch.int32)
+            for q in batch:  # resumed samples keep the rows recorded when their tokens were generated
+                if q.routing:
+                    old = torch.stack(q.routing[: len(q.sample.tokens) - 1]).to(self.device, torch.int32)
+                    self._route_buf[q.slot, : old.shape[0]] = old
+        self._sample(batch, state, logits, lengths)
 
-    def _sample(self, seqs: list[_Seq], logits: torch.Tensor, positions: torch.Tensor) -> None:
-        dev = logits.device
-        temp = torch.tensor([q.params.temperature for q in seqs], device=dev, dtype=torch.float)
-        top_k = torch.tensor([q.params.top_k for q in seqs], device=dev)
-        top_p = torch.tensor([q.params.top_p for q in seqs], device=dev, dtype=torch.float)
-        seeds = torch.tensor([q.seed for q in seqs], device=dev)
-        tokens, logps = sample_tokens(logits, temp, top_k, top_p, seeds, positions.to(dev))
-        tokens, logps = tokens.tolist(), logps.tolist()
+    def _decode(self, cache: SlotKVCache, running: list[_Seq], state: dict) -> None:
+        window = max(len(q.sample.tokens) for q in running)  # cached positions + the new one
+        slots = state["slots"]
+        pos = cache.lengths[slots][:, None].clone()
+        cache.begin_decode(slots, window, state["range"])
+        logits, routing = self._forward(cache, state["last_tokens"], pos,
+                                        torch.zeros(len(running), dtype=torch.long, device=self.device))
+        if routing is not None:
+            self._route_buf[slots, pos[:, 0]] = routing[:, 0].to(torch.int32)
+        self._sample(running, state, logits, pos[:, 0] + 1)
+
+    def _sample(self, seqs: list[_Seq], state: dict, logits: torch.Tensor, positions: torch.Tensor) -> None:
+        tokens_d, logps_d = sample_tokens(logits, state["temp"], state["top_k"], state["top_p"], state["seeds"],
+                                          positions, any_filter=state["any_filter"],
+                                          all_greedy=state["all_greedy"])
+        state["last_tokens"] = tokens_d[:, None]
+        both = torch.stack([tokens_d.double(), logps_d.double()]).cpu()  # the one sync per step
+        tokens, logps = both[0].long().tolist(), both[1].tolist()
         for q, tok, lp in zip(seqs, tokens, logps):
             s = q.sample
             s.tokens.append(tok)
@@ -257,8 +276,11 @@ class RolloutEngine:
     def _finish(self, q: _Seq, status: Status) -> None:
         s = q.sample
         s.status = status
-        if self.num_moe_layers and q.routing:
-            s.rollout_routed_experts = torch.stack(q.routing[: len(s.tokens) - 1]).to(torch.int32)
+        n_rows = len(s.tokens) - 1
+        if self.num_moe_layers and q.slot >= 0:  # rows live on the device until the sequence ends
+            s.rollout_routed_experts = self._route_buf[q.slot, :n_rows].to("cpu", copy=True)
+        elif self.num_moe_layers and q.routing:  # never scheduled again (aborted while waiting)
+            s.rollout_routed_experts = torch.stack(q.routing[:n_rows]).to(torch.int32)
         elif self.num_moe_layers:
             s.rollout_routed_experts = torch.zeros(0, self.num_moe_layers, self.top_k, dtype=torch.int32)
         s.loss_mask = [1] * s.response_length

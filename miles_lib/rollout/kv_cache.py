@@ -34,9 +34,8 @@ class SlotKVCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def begin_prefill(self, slots: torch.Tensor, lengths: torch.Tensor) -> None:
-        """Next forward: the first ``lengths[b]`` tokens of each slot (right-padded to T)."""
-        T = int(lengths.max())
+    def begin_prefill(self, slots: torch.Tensor, lengths: torch.Tensor, T: int) -> None:
+        """Next forward: the first ``lengths[b]`` tokens of each slot (right-padded to T = max)."""
         dev = self.lengths.device
         self._mode, self._slots = "prefill", slots
         causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
@@ -45,22 +44,20 @@ class SlotKVCache:
         self._mask = self._mask[:, None]  # [B, 1, T, T]
         self._new_lengths = lengths
 
-    def _contiguous(self, slots: torch.Tensor) -> slice | None:
-        """slots as a slice when they are consecutive (then K/V are viewed, not gathered)."""
-        lo, n = int(slots[0]), slots.numel()
-        if torch.equal(slots, torch.arange(lo, lo + n, device=slots.device)):
-            return slice(lo, lo + n)
-        return None
+    @staticmethod
+    def contiguous(host_slots: list[int]) -> slice | None:
+        """The slots as a slice when they are consecutive (K/V are then viewed, not gathered)."""
+        lo = host_slots[0]
+        return slice(lo, lo + len(host_slots)) if host_slots == list(range(lo, lo + len(host_slots))) else None
 
-    def begin_decode(self, slots: torch.Tensor) -> None:
-        """Next forward: one token per slot at position lengths[slot]."""
-        self._mode, self._slots = "decode", slots
-        self._range = self._contiguous(slots)
+    def begin_decode(self, slots: torch.Tensor, window: int, slot_range: slice | None) -> None:
+        """Next forward: one token per slot at position lengths[slot]; ``window`` = max position + 1
+        and ``slot_range`` (consecutive slots) are passed from host-side bookkeeping (no sync)."""
+        self._mode, self._slots, self._range, self._window = "decode", slots, slot_range, window
         pos = self.lengths[slots]
         self._pos = pos
         self._rows = torch.arange(slots.numel(), device=slots.device)
-        self._window = int(pos.max()) + 1
-        self._mask = (torch.arange(self._window, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
+        self._mask = (torch.arange(window, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
 
     def end_step(self) -> None:
         if self._mode == "prefill":

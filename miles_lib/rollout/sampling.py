@@ -88,16 +88,20 @@ def filter_logits(scaled_BV: torch.Tensor, top_k_B: torch.Tensor, top_p_B: torch
 
 
 def sample_tokens(logits_BV: torch.Tensor, temperature_B: torch.Tensor, top_k_B: torch.Tensor,
-                  top_p_B: torch.Tensor, seeds_B: torch.Tensor, positions_B: torch.Tensor
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(token ids [B], log-probs [B]) for one decoding step."""
+                  top_p_B: torch.Tensor, seeds_B: torch.Tensor, positions_B: torch.Tensor,
+                  any_filter: bool = True, all_greedy: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(token ids [B], log-probs [B]) for one decoding step. ``any_filter`` / ``all_greedy`` let the
+    caller skip the top-k/top-p sort and the noise when no request in the batch needs them."""
     logits = logits_BV.float()
     greedy = temperature_B <= 0
     T = torch.where(greedy, torch.ones_like(temperature_B), temperature_B)[:, None].float()
     scaled = logits / T
     logp_full = scaled.log_softmax(-1)
-    filtered = filter_logits(scaled, top_k_B, top_p_B)
-    noise = gumbel_noise(seeds_B, positions_B, logits.shape[-1]).to(logits.device)
+    if all_greedy:
+        tokens = logits.argmax(-1)
+        return tokens, logp_full.gather(-1, tokens[:, None]).squeeze(-1)
+    filtered = filter_logits(scaled, top_k_B, top_p_B) if any_filter else scaled
+    noise = gumbel_noise(seeds_B, positions_B, logits.shape[-1])
     sampled = (filtered.double() + noise).argmax(-1)
     tokens = torch.where(greedy, logits.argmax(-1), sampled)
     return tokens, logp_full.gather(-1, tokens[:, None]).squeeze(-1)
