@@ -20,6 +20,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e ".[flyte,test]"
 	@touch $(STAMP)
 
+# The default pipeline on CPU: shipped tiny MoE, 3 cycles x 10 GRPO steps, artifacts in runs/flyte.
+RUN_ARGS ?=
+run: $(STAMP)
+	FLYTE_LOCAL_CACHE_ENABLED=$${FLYTE_LOCAL_CACHE_ENABLED:-false} $(VENV)/bin/pyflyte run workflows/grpo.py grpo_pipeline $(RUN_ARGS)
+
 # Fast suite (CI). pytest exit 5 ("no tests ran") is not a failure.
 test: $(STAMP)
 	@$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS); rc=$$?; if [ $$rc -eq 5 ]; then exit 0; fi; exit $$rc

@@ -208,20 +208,25 @@ def verify_checkpoint(uri: str) -> bool:
         return False
 
 
-def latest_good_checkpoint(root: str, pattern_prefix: str = "") -> str | None:
-    """The newest (by manifest step, then creation time) verified checkpoint directly under ``root``
-    or one level below it; None if there is none."""
+def latest_good_checkpoint(root: str, max_depth: int = 4) -> str | None:
+    """The newest (by manifest creation time) checkpoint under ``root`` whose manifest exists and
+    whose every checksum verifies; None if there is none. Half-written folders (no manifest) and
+    corrupt ones are skipped."""
+    fs, path = storage.open_fs(root)
+    with storage.storage_errors(root, "list"):
+        if not fs.exists(path):
+            return None
+        found = fs.find(path, maxdepth=max_depth)
+    prefix = root.split("://", 1)[0] + "://" if storage.is_remote(root) else ""
     candidates = []
-    for name in storage.listdir(root):
-        for sub in (storage.join(root, name), *[storage.join(root, name, s) for s in storage.listdir(storage.join(root, name))]):
-            if not storage.exists(storage.join(sub, MANIFEST)) or not sub.rsplit("/", 1)[-1].startswith(pattern_prefix):
-                continue
+    for f in found:
+        if f.rstrip("/").endswith("/" + MANIFEST):
+            uri = prefix + f.rstrip("/")[: -len(MANIFEST) - 1]
             try:
-                m = read_manifest(sub)
+                candidates.append((read_manifest(uri).get("created_unix", 0.0), uri))
             except CheckpointError:
                 continue
-            candidates.append((m.get("created_unix", 0.0), m["step"], sub))
-    for _, _, uri in sorted(candidates, reverse=True):
+    for _, uri in sorted(candidates, reverse=True):
         if verify_checkpoint(uri):
             return uri
     return None

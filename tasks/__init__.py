@@ -1,0 +1,1 @@
+"""Flyte tasks: thin typed wrappers over miles_lib (no algorithm code here)."""
