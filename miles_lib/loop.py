@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from miles_lib import algorithms
-from miles_lib.data.dataset import PromptBatcher, PromptDataset
+from miles_lib.data.dataset import PromptBatcher
 from miles_lib.data.rewards import compute_rewards
 from miles_lib.model.tokenizer import Tokenizer
 from miles_lib.pipeline_config import GRPOConfig

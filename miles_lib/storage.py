@@ -14,6 +14,7 @@ unreachable store fails in seconds with a StorageError naming the URI, not after
 from __future__ import annotations
 
 import os
+import shutil
 import uuid
 from contextlib import contextmanager
 
@@ -132,3 +133,15 @@ def remove(uri: str, recursive: bool = True) -> None:
     with storage_errors(uri, "remove"):
         if fs.exists(path):
             fs.rm(path, recursive=recursive)
+
+
+def swap_in_dir(staged: str, target: str) -> None:
+    """Move the fully written local folder ``staged`` (same filesystem) to ``target`` by renames: a
+    reader sees the old folder or the new one, never a partial one; an old target is removed after."""
+    if os.path.exists(target):
+        old = os.path.join(os.path.dirname(target), f".{os.path.basename(target)}.old-{uuid.uuid4().hex[:8]}")
+        os.replace(target, old)
+        os.replace(staged, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, target)

@@ -3,7 +3,6 @@
 Usage: python -m tests.dp_worker OUT_PATH   (RANK/WORLD_SIZE/MASTER_* set by the test)
 """
 
-import os
 import sys
 
 import torch

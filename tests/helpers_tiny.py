@@ -46,19 +46,10 @@ def batch_from(samples, algo: AlgorithmConfig | None = None):
 
 
 def char_tokenizer():
-    """A character-level tokenizer over digits, '+-=?:', letters used in prompts, and <pad>/<eos>."""
-    from tokenizers import Tokenizer as HFTok
-    from tokenizers import models, pre_tokenizers, decoders
+    """The arithmetic task's character-level tokenizer (<pad>=0, <eos>=1)."""
+    from miles_lib.data.arithmetic import build_tokenizer
 
-    from miles_lib.model.tokenizer import Tokenizer
-
-    chars = list("0123456789+-=?: QA\n")
-    vocab = {"<pad>": 0, "<eos>": 1, **{c: i + 2 for i, c in enumerate(chars)}}
-    tok = HFTok(models.WordLevel(vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
-    tok.decoder = decoders.Fuse()
-    tok.add_special_tokens(["<pad>", "<eos>"])
-    return Tokenizer(tok, eos_token="<eos>", pad_token="<pad>")
+    return build_tokenizer()
 
 
 def write_prompts(path, n=64, seed=0):

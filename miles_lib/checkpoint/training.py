@@ -118,14 +118,8 @@ def _local_replace(src_dir: str, target: str) -> None:
     parent = os.path.dirname(target)
     os.makedirs(parent, exist_ok=True)
     staged = os.path.join(parent, f".{os.path.basename(target)}.tmp-{uuid.uuid4().hex[:8]}")
-    shutil.copytree(src_dir, staged)  # same filesystem as target -> the renames below are atomic
-    if os.path.exists(target):
-        old = os.path.join(parent, f".{os.path.basename(target)}.old-{uuid.uuid4().hex[:8]}")
-        os.replace(target, old)
-        os.replace(staged, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staged, target)
+    shutil.copytree(src_dir, staged)  # same filesystem as target -> the renames are atomic
+    storage.swap_in_dir(staged, target)
 
 
 def read_manifest(uri: str) -> dict[str, Any]:
