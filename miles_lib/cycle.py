@@ -36,7 +36,8 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 @dataclasses.dataclass
 class CycleResult:
     checkpoint_uri: str
-    metrics: pd.DataFrame
+    metrics: pd.DataFrame  # one row per step
+    samples: pd.DataFrame  # the rollouts trained on, one row per sample
 
 
 def resolve_device(name: str) -> torch.device:
@@ -129,8 +130,8 @@ def save_state(state: GRPOState, out_uri: str) -> str:
 
 
 def run_cycle(cfg: GRPOConfig, checkpoint_uri: str, out_uri: str, num_steps: int | None = None,
-              progress: bool = True) -> CycleResult:
+              progress: bool = True, on_step=None) -> CycleResult:
     state = load_state(checkpoint_uri, cfg)
-    metrics = run_steps(state, num_steps or cfg.steps_per_cycle, progress=progress)
+    metrics, samples = run_steps(state, num_steps or cfg.steps_per_cycle, progress=progress, on_step=on_step)
     save_state(state, out_uri)
-    return CycleResult(out_uri, metrics)
+    return CycleResult(out_uri, metrics, samples)

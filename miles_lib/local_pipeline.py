@@ -41,6 +41,7 @@ def run_local_pipeline(model_uri: str, cfg: GRPOConfig, root: str, num_cycles: i
         res = run_cycle(cfg, ckpt, storage.join(root, f"cycle-{k:03d}", "checkpoint"), progress=progress)
         res.metrics.insert(0, "cycle", k)
         write_table(res.metrics, storage.join(root, f"cycle-{k:03d}", "metrics.parquet"))
+        write_table(res.samples, storage.join(root, f"cycle-{k:03d}", "samples.parquet"))
         metrics.append(res.metrics)
         ckpt = res.checkpoint_uri
     final_table, final = evaluate_checkpoint(ckpt, cfg)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 import pandas as pd
@@ -48,7 +49,7 @@ class GRPOState:
     batcher: PromptBatcher
     step: int = 0  # GRPO steps done
     weight_version: int = 0
-    pending: list[Sample] = dataclasses.field(default_factory=list)  # partial-rollout carry-over
+    last_samples: list[Sample] = dataclasses.field(default_factory=list)  # the last step's rollouts
 
 
 def request_seed(run_seed: int, step: int, request: int) -> int:
@@ -144,6 +145,7 @@ def grpo_step(state: GRPOState) -> dict[str, float]:
     cfg = state.cfg
     samples, metrics = collect_rollouts(state)
     samples.sort(key=lambda s: (s.group_index, s.index))
+    state.last_samples = samples
     rewards = torch.tensor([float(s.reward) for s in samples])
     group_ids = torch.tensor([s.group_index for s in samples])
     R = max(s.response_length for s in samples)
@@ -164,18 +166,37 @@ def grpo_step(state: GRPOState) -> dict[str, float]:
     return metrics
 
 
-def run_steps(state: GRPOState, num_steps: int, progress: bool = True) -> pd.DataFrame:
-    """Run ``num_steps`` GRPO steps; returns the metrics table (one row per step)."""
+def samples_table(samples: list[Sample], step: int) -> pd.DataFrame:
+    """The rollouts a step trained on, one row per sample (stored as parquet next to the checkpoint)."""
+    return pd.DataFrame({
+        "step": step, "group_index": [s.group_index for s in samples], "index": [s.index for s in samples],
+        "prompt": [str(s.prompt) for s in samples], "response": [s.response for s in samples],
+        "label": [str(s.label) for s in samples], "reward": [float(s.reward) for s in samples],
+        "response_length": [s.response_length for s in samples], "status": [s.status.value for s in samples],
+        "tokens": [list(s.tokens) for s in samples],
+        "rollout_log_probs": [list(s.rollout_log_probs or []) for s in samples],
+        "weight_version": [s.weight_versions[-1] if s.weight_versions else -1 for s in samples],
+    })
+
+
+def run_steps(state: GRPOState, num_steps: int, progress: bool = True,
+              on_step: Callable[[int, dict], None] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Run ``num_steps`` GRPO steps; returns (metrics table, one row per step; rollout samples).
+    ``on_step(step, metrics_row)`` is called after every step (progress hooks, fault injection)."""
     from tqdm import tqdm
 
     rows: list[dict[str, Any]] = []
+    samples: list[pd.DataFrame] = []
     bar = tqdm(range(num_steps), desc="grpo", disable=not progress)
     for _ in bar:
         row = grpo_step(state)
         rows.append(row)
+        samples.append(samples_table(state.last_samples, state.step))
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}",
                         dlogp=f"{row.get('train_rollout_logprob_abs_diff', float('nan')):.1e}")
-    return pd.DataFrame(rows)
+        if on_step is not None:
+            on_step(state.step, row)
+    return pd.DataFrame(rows), pd.concat(samples, ignore_index=True)
 
 
 def rng_state() -> dict[str, Any]:

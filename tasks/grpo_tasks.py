@@ -7,6 +7,7 @@ Elastic (torchrun) job whose ranks run miles_lib's FSDP2 data-parallel path (ran
 from __future__ import annotations
 
 import os
+import signal
 import typing
 
 import pandas as pd
@@ -28,14 +29,24 @@ if NPROC_PER_NODE > 1 or NNODES > 1:
     _elastic = Elastic(nnodes=NNODES, nproc_per_node=NPROC_PER_NODE)
 
 
+def _fault_injection(cycle: int):
+    """MILES_KILL_IN_CYCLE=k: SIGKILL this process after the first step of cycle k (recovery tests)."""
+    if os.environ.get("MILES_KILL_IN_CYCLE") != str(cycle):
+        return None
+
+    def kill(step: int, row: dict) -> None:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill
+
+
 @task(cache=True, cache_version=CACHE_VERSION, requests=TRAIN_RESOURCES, task_config=_elastic,
       container_image=GPU_IMAGE if GPUS_PER_NODE else CPU_IMAGE, retries=1)
 def grpo_cycle(checkpoint: FlyteDirectory, config: GRPOConfig, cycle: int, storage_root: str,
                run_name: str) -> CycleResult:
     out = artifact_uri(storage_root, run_name, f"cycle-{cycle:03d}", "checkpoint")
-    if os.environ.get("MILES_FAIL_IN_CYCLE") == str(cycle):  # failure injection for recovery tests
-        raise RuntimeError(f"MILES_FAIL_IN_CYCLE={cycle}: simulated crash before the checkpoint was written")
-    res = run_cycle(config, uri_of(checkpoint), out, progress=False)
+    res = run_cycle(config, uri_of(checkpoint), out, progress=False, on_step=_fault_injection(cycle))
     res.metrics.insert(0, "cycle", cycle)
     write_table(res.metrics, artifact_uri(storage_root, run_name, f"cycle-{cycle:03d}", "metrics.parquet"))
+    write_table(res.samples, artifact_uri(storage_root, run_name, f"cycle-{cycle:03d}", "samples.parquet"))
     return CycleResult(checkpoint=FlyteDirectory(path=res.checkpoint_uri), metrics=res.metrics)

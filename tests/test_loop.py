@@ -82,3 +82,36 @@ def test_kl_loss_uses_reference_checkpoint(tmp_path):
     cfg = cfg.override(reference_checkpoint=other)
     res = run_cycle(cfg, base, str(tmp_path / "c2"), num_steps=1, progress=False)
     assert res.metrics["kl_loss"].iloc[0] > 0.0
+
+
+def test_samples_table_and_dynamic_sampling_drop_zero_variance_groups(tmp_path):
+    base = tiny_base_checkpoint(tmp_path)
+    prompts = write_prompts(tmp_path / "p.jsonl")
+    # the random tiny model never answers right: every group has zero reward variance
+    cfg = small_config(prompts, rollout={"dynamic_sampling": True, "max_sampling_rounds": 3})
+    res = run_cycle(cfg, base, str(tmp_path / "c1"), num_steps=1, progress=False)
+    row = res.metrics.iloc[0]
+    assert row["rollout_rounds"] == 3  # kept over-sampling to refill the batch
+    assert row["dynamic_groups_dropped"] == 3 * 4
+    assert row["rollout_samples"] == 3 * 4 * 4
+    s = res.samples
+    assert len(s) == row["rollout_samples"] and set(s["step"]) == {1}
+    assert {"prompt", "response", "reward", "tokens", "rollout_log_probs", "weight_version"} <= set(s.columns)
+
+
+def test_bucketed_sync_to_an_engine_with_its_own_weights():
+    from miles_lib.rollout import RolloutEngine, SamplingParams
+    from miles_lib.weight_sync import sync_weights
+    from tests.helpers_tiny import tiny_model
+
+    trainer, engine_model = tiny_model(seed=1), tiny_model(seed=2)
+    engine = RolloutEngine(engine_model)
+    res = sync_weights(trainer, engine, version=5, bucket_bytes=4096)
+    assert res.mode == "bucketed" and res.num_buckets > 1 and engine.weight_version == 5
+    for k, v in trainer.state_dict().items():
+        assert torch.equal(engine_model.state_dict()[k], v)
+    shared = RolloutEngine(trainer)
+    res = sync_weights(trainer, shared, version=6)
+    assert res.mode == "zero_copy" and res.num_bytes == 0 and shared.weight_version == 6
+    out = shared.generate([[1, 2, 3]], SamplingParams(max_new_tokens=3, seed=0))[0]
+    assert out.weight_versions == [6, 6, 6]
