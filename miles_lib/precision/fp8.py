@@ -37,7 +37,9 @@ def quantize_blockwise(x: torch.Tensor, block_rows: int, block_cols: int, pow2_s
                          "pad the tensor or size the layer to multiples of 128")
     xb = x.float().reshape(R // block_rows, block_rows, C // block_cols, block_cols)
     amax = xb.abs().amax(dim=(1, 3))
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    # amax * (1/448), not amax / 448: CUDA turns division by a Python scalar into multiplication by
+    # its reciprocal, so this form is what makes CPU and GPU scales identical to the last bit
+    scale = torch.where(amax > 0, amax * (1.0 / FP8_MAX), torch.ones_like(amax))
     if pow2_scales:
         scale = torch.exp2(torch.ceil(torch.log2(scale)))
     q = (xb / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
