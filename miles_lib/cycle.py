@@ -7,8 +7,8 @@ last) before ``run_cycle`` returns its URI.
 
 Data parallelism: launched with WORLD_SIZE > 1 (torchrun / Elastic), every rank loads the
 checkpoint, the trainer is sharded with FSDP2, each rank rolls out its share of the step's prompt
-groups on its own engine copy (weights pushed from the gathered full state after each step), and
-rank 0 writes the checkpoint.
+groups (groups r, r + W, ... with global seeds) on its own engine copy and trains on them, and rank 0
+writes the checkpoint. Step metrics are those of rank 0's share.
 """
 
 from __future__ import annotations
@@ -79,6 +79,10 @@ def load_state(checkpoint_uri: str, cfg: GRPOConfig | None = None) -> GRPOState:
         cfg = GRPOConfig.from_dict(extra["grpo_config"])
     device = resolve_device(cfg.train.device)
     rank, world = dist_utils.init_from_env(device)
+    if world > 1 and (cfg.rollout.prompts_per_step % world or cfg.rollout.dynamic_sampling):
+        raise ValueError(f"data parallel over {world} ranks needs rollout.prompts_per_step "
+                         f"({cfg.rollout.prompts_per_step}) divisible by {world} and dynamic_sampling off "
+                         "(every rank must train on the same number of samples)")
     torch.manual_seed(cfg.train.seed)
     model = MoEForCausalLM(ckpt.model_config)
     model.load_state_dict(ckpt.model_state)

@@ -31,6 +31,7 @@ from miles_lib.data.rewards import compute_rewards
 from miles_lib.model.tokenizer import Tokenizer
 from miles_lib.pipeline_config import GRPOConfig
 from miles_lib.rollout import RolloutEngine, SamplingParams
+from miles_lib.train import distributed as dist_utils
 from miles_lib.train.actor import Actor
 from miles_lib.train.batch import collate
 from miles_lib.types import Sample
@@ -58,10 +59,15 @@ def request_seed(run_seed: int, step: int, request: int) -> int:
 
 
 def _make_requests(state: GRPOState, rows: list[dict], group_offset: int) -> tuple[list[list[int]], list[SamplingParams], list[Sample]]:
+    """Requests for this rank's share of the groups (rank r takes groups r, r + W, ...); seeds and
+    indices are global, so a sample is the same whatever the number of ranks."""
     cfg = state.cfg.rollout
     ids, params, meta = [], [], []
     stop = list(state.tokenizer.stop_token_ids)
+    rank, world = dist_utils.world()
     for g, row in enumerate(rows):
+        if g % world != rank:
+            continue
         prompt_ids = state.tokenizer.encode(row["prompt"])
         for j in range(cfg.n_samples_per_prompt):
             req = (group_offset + g) * cfg.n_samples_per_prompt + j
@@ -158,7 +164,9 @@ def grpo_step(state: GRPOState) -> dict[str, float]:
     temperature = cfg.rollout.temperature if cfg.rollout.temperature > 0 else 1.0
     metrics.update(state.actor.train_step(batch, temperature=temperature))
     state.weight_version += 1
-    sync = sync_weights(state.model, state.engine, state.weight_version)
+    # sharded trainer (FSDP2): push the gathered full weights to this rank's engine copy
+    full = dist_utils.full_model_state(state.model) if dist_utils.world()[1] > 1 else None
+    sync = sync_weights(state.model, state.engine, state.weight_version, state=full)
     state.step += 1
     metrics.update({"step": float(state.step), "weight_version": float(state.weight_version),
                     "sync_seconds": sync.seconds,

@@ -63,7 +63,8 @@ def _dcp_save(state: dict[str, torch.Tensor], folder: str) -> None:
     with warnings.catch_warnings():  # single-process save: DCP warns that no process group exists
         warnings.simplefilter("ignore", UserWarning)
         dcp.save({k: v.detach().cpu().contiguous() for k, v in state.items()},
-                 storage_writer=dcp.FileSystemWriter(folder, single_file_per_rank=True))
+                 storage_writer=dcp.FileSystemWriter(folder, single_file_per_rank=True),
+                 no_dist=True)  # the caller holds the full state; one writer, no collectives
 
 
 def save_training_checkpoint(uri: str, model_state: dict[str, torch.Tensor], model_config: ModelConfig,
@@ -160,7 +161,7 @@ def load_training_checkpoint(uri: str, device: torch.device | str | None = None)
                  for k, v in manifest["tensors"].items()}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
-            dcp.load(state, storage_reader=dcp.FileSystemReader(os.path.join(work, "model")))
+            dcp.load(state, storage_reader=dcp.FileSystemReader(os.path.join(work, "model")), no_dist=True)
         for name, meta in manifest["tensors"].items():
             if tensor_sha256(state[name]) != meta["sha256"]:
                 raise CheckpointError(f"{uri}: checksum mismatch for tensor {name} (corrupt checkpoint)")
