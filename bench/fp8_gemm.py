@@ -1,11 +1,18 @@
-"""FP8 (block-scaled e4m3) vs bf16 on MoE-like linear shapes: GEMM alone and linear fwd+bwd.
+"""FP8 (block-scaled e4m3) vs bf16: linear forward+backward and grouped MoE experts.
 
-Prints ONE JSON object. Per shape (tokens x hidden x ffn): bf16 `F.linear` forward+backward vs
-`fp8_linear` forward+backward (quantization included), and the forward GEMM alone
-(cuBLAS block-scaled `_scaled_mm` on pre-quantized operands vs bf16 mm), as ms, TFLOP/s and ratios.
+Prints ONE JSON object:
+  linear[]:  per (tokens x hidden -> ffn) shape, y = x W^T forward+backward (dx and dW), bf16
+             ``F.linear`` vs ``fp8_linear`` (quantization included, cuBLAS block-scaled GEMMs);
+             ms, TFLOP/s (3 GEMMs = 6*M*N*K flops), speedup = bf16 ms / fp8 ms; forward alone;
+             breakdown of the FP8 step (one GEMM, one 1x128 / 128x1 activation quantization).
+  grouped[]: the MoE expert projection (E experts x tokens each, hidden -> ffn), forward+backward
+             and forward, bf16 ``torch._grouped_mm`` (autograd) vs ``fp8_grouped_linear`` (Triton
+             grouped block-scaled kernels on CUDA).
+  summary:   the speedup at the large linear shapes against the 1.4x target.
+Also the relative error of each FP8 forward vs the bf16 one (e4m3 rounding, ~3-4%).
 
     python bench/fp8_gemm.py --device cuda
-    python bench/fp8_gemm.py --device cpu --quick      # tiny shapes, emulation (correctness only)
+    python bench/fp8_gemm.py --device cpu --quick      # tiny shapes, emulation (checks it runs)
 """
 
 from __future__ import annotations
@@ -17,13 +24,17 @@ import time
 import torch
 import torch.nn.functional as F
 
-from miles_lib.precision import fp8
+from miles_lib.precision import fp8, fp8_gemm
+from miles_lib.precision.fp8_linear import fp8_grouped_linear, fp8_linear
 
-SHAPES = [(8192, 2048, 768), (16384, 4096, 1536), (32768, 7168, 2048)]
-QUICK = [(256, 256, 128)]
+LINEAR = [(8192, 2048, 768), (16384, 4096, 1536), (32768, 7168, 2048), (32768, 4096, 2048)]
+GROUPED = [(64, 512, 2048, 768), (64, 512, 2048, 1536), (128, 256, 4096, 1536)]
+QUICK_LINEAR = [(256, 256, 128)]
+QUICK_GROUPED = [(4, 64, 256, 128)]
+LARGE = 16384  # tokens at or above this are "large shapes" for the target
 
 
-def timeit(fn, device, iters=10, warmup=3):
+def timeit(fn, device: str, iters: int, warmup: int = 3) -> float:
     for _ in range(warmup):
         fn()
     if device == "cuda":
@@ -36,50 +47,155 @@ def timeit(fn, device, iters=10, warmup=3):
     return (time.perf_counter() - t0) / iters * 1e3
 
 
+def rel(a, b) -> float:
+    return round(((a.float() - b.float()).norm() / b.float().norm()).item(), 5)
+
+
+def fwd_bwd(fn, inputs, dy):
+    def step():
+        for t in inputs:
+            t.grad = None
+        fn().backward(dy)
+    return step
+
+
+def bench_linear(M, K, N, dev, iters):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(M, K, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    w = (torch.randn(N, K, generator=g) * 0.02).to(dev, torch.bfloat16).requires_grad_()
+    dy = torch.randn(M, N, generator=g).to(dev, torch.bfloat16)
+    t_bf16 = timeit(fwd_bwd(lambda: F.linear(x, w), (x, w), dy), dev, iters)
+    t_fp8 = timeit(fwd_bwd(lambda: fp8_linear(x, w), (x, w), dy), dev, iters)
+    xd, wd = x.detach(), w.detach()
+    with torch.no_grad():
+        f_bf16 = timeit(lambda: F.linear(xd, wd), dev, iters)
+        f_fp8 = timeit(lambda: fp8_linear(xd, wd), dev, iters)
+        qx, sx = fp8.quantize_act_1x128(xd)
+        qw, sw = fp8.quantize_weight_128x128(wd)
+        t_gemm = timeit(lambda: fp8_gemm.fp8_mm(qx, sx, qw, sw, torch.bfloat16), dev, iters)
+        (qdy, sdy), (qdyt, sdyt) = fp8.quantize_act_dual(dy)
+        qwt, swt = qw.t().contiguous(), sw.t().contiguous()
+        t_dgrad = timeit(lambda: fp8_gemm.fp8_mm(qdy, sdy, qwt, swt, torch.bfloat16), dev, iters)
+        qxt, sxt = fp8.quantize_act_128x1_t(xd)
+        t_wgrad = timeit(lambda: fp8_gemm.fp8_mm(qdyt, sdyt, qxt, sxt, torch.bfloat16), dev, iters)
+        t_q1 = timeit(lambda: fp8.quantize_act_1x128(xd), dev, iters)
+        t_q2 = timeit(lambda: fp8.quantize_act_128x1_t(xd), dev, iters)
+        t_qd = timeit(lambda: fp8.quantize_act_dual(xd), dev, iters)
+        t_qw = timeit(lambda: fp8.quantize_weight_128x128(wd), dev, iters)
+        err = rel(fp8_linear(xd, wd), F.linear(xd.float(), wd.float()))
+        gemm_err = rel(fp8_gemm.fp8_mm(qx, sx, qw, sw), fp8_gemm.fp8_mm_reference(qx, sx, qw, sw))
+    flops = 6 * M * N * K
+    return {"tokens": M, "hidden": K, "ffn": N,
+            "fwd_bwd_ms": {"bf16": round(t_bf16, 3), "fp8": round(t_fp8, 3)},
+            "fwd_bwd_tflops": {"bf16": round(flops / t_bf16 / 1e9, 1), "fp8": round(flops / t_fp8 / 1e9, 1)},
+            "fwd_bwd_speedup_fp8": round(t_bf16 / t_fp8, 3),
+            "fwd_ms": {"bf16": round(f_bf16, 3), "fp8": round(f_fp8, 3)},
+            "fwd_speedup_fp8": round(f_bf16 / f_fp8, 3),
+            "fp8_breakdown_ms": {"gemm_fprop": round(t_gemm, 3), "gemm_dgrad": round(t_dgrad, 3),
+                                 "gemm_wgrad": round(t_wgrad, 3), "quant_act_1x128": round(t_q1, 3),
+                                 "quant_act_128x1_t": round(t_q2, 3), "quant_act_dual": round(t_qd, 3),
+                                 "quant_weight_128x128": round(t_qw, 3)},
+            "fp8_gemm_tflops": round(2 * M * N * K / t_gemm / 1e9, 1),
+            "fwd_rel_err_vs_fp32": err, "gemm_rel_err_vs_dequant_reference": gemm_err}
+
+
+def bf16_grouped(x, w_ENK, offs):
+    return torch._grouped_mm(x, w_ENK.transpose(-2, -1), offs=offs)
+
+
+def bench_grouped(E, T, K, N, dev, iters):
+    g = torch.Generator().manual_seed(1)
+    M = E * T
+    counts = torch.full((E,), T)
+    counts[::2] += T // 4  # uneven experts (same total): groups straddle 128-token tiles
+    counts[1::2] -= T // 4
+    offs = counts.cumsum(0).to(dev, torch.int32)
+    x = torch.randn(M, K, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    w = (torch.randn(E, N, K, generator=g) * 0.02).to(dev, torch.bfloat16).requires_grad_()
+    dy = torch.randn(M, N, generator=g).to(dev, torch.bfloat16)
+    out = {"experts": E, "tokens_per_expert": T, "hidden": K, "ffn": N}
+    try:
+        t_bf16 = timeit(fwd_bwd(lambda: bf16_grouped(x, w, offs), (x, w), dy), dev, iters)
+    except RuntimeError as e:  # a torch without _grouped_mm backward on this device
+        t_bf16, out["bf16_fwd_bwd_error"] = float("nan"), str(e)[:200]
+    t_fp8 = timeit(fwd_bwd(lambda: fp8_grouped_linear(x, w, offs), (x, w), dy), dev, iters)
+    xd, wd = x.detach(), w.detach()
+    with torch.no_grad():
+        f_bf16 = timeit(lambda: bf16_grouped(xd, wd, offs), dev, iters)
+        f_fp8 = timeit(lambda: fp8_grouped_linear(xd, wd, offs), dev, iters)
+        qx, sx = fp8.quantize_act_1x128(xd)
+        qw, sw = fp8.quantize_weight_128x128(wd)
+        t_gemm = timeit(lambda: fp8_gemm.grouped_fp8_mm(qx, sx, qw, sw, offs, torch.bfloat16), dev, iters)
+        (qdy, sdy), (qdyt, sdyt) = fp8.quantize_act_dual(dy)
+        qxt, sxt = fp8.quantize_act_128x1_t(xd)
+        qwt, swt = qw.transpose(1, 2).contiguous(), sw.transpose(1, 2).contiguous()
+        t_dgrad = timeit(lambda: fp8_gemm.grouped_fp8_mm(qdy, sdy, qwt, swt, offs, torch.bfloat16), dev, iters)
+        t_wgrad = timeit(lambda: fp8_gemm.grouped_fp8_wgrad(qdyt, sdyt, qxt, sxt, offs, torch.bfloat16), dev, iters)
+        err = rel(fp8_grouped_linear(xd, wd, offs), bf16_grouped(xd.float(), wd.float(), offs)
+                  if dev == "cpu" else bf16_grouped(xd, wd, offs))
+        gemm_err = rel(fp8_gemm.grouped_fp8_mm(qx, sx, qw, sw, offs),
+                       fp8_gemm.grouped_fp8_mm_reference(qx, sx, qw, sw, offs))
+    flops = 6 * M * N * K
+    out.update({"fwd_bwd_ms": {"bf16_grouped_mm": round(t_bf16, 3), "fp8": round(t_fp8, 3)},
+                "fwd_bwd_tflops": {"bf16_grouped_mm": round(flops / t_bf16 / 1e9, 1), "fp8": round(flops / t_fp8 / 1e9, 1)},
+                "fwd_bwd_speedup_fp8": round(t_bf16 / t_fp8, 3),
+                "fwd_ms": {"bf16_grouped_mm": round(f_bf16, 3), "fp8": round(f_fp8, 3)},
+                "fwd_speedup_fp8": round(f_bf16 / f_fp8, 3),
+                "fp8_grouped_gemm_ms": round(t_gemm, 3),
+                "fp8_breakdown_ms": {"gemm_fprop": round(t_gemm, 3), "gemm_dgrad": round(t_dgrad, 3),
+                                     "gemm_wgrad": round(t_wgrad, 3)},
+                "fp8_grouped_gemm_tflops": round(2 * M * N * K / t_gemm / 1e9, 1),
+                "fwd_rel_err_vs_bf16": err, "gemm_rel_err_vs_dequant_reference": gemm_err})
+    return out
+
+
+def profile(dev: str, path: str) -> None:
+    """Per-kernel times of FP8 linear and grouped forward+backward (diagnosis, not the result)."""
+    from torch.profiler import ProfilerActivity, profile as prof
+    tables = []
+    for name, (M, K, N) in (("linear", LINEAR[0]), ("linear", LINEAR[2])):
+        x = torch.randn(M, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        w = torch.randn(N, K, device=dev, dtype=torch.bfloat16, requires_grad=True)
+        dy = torch.randn(M, N, device=dev, dtype=torch.bfloat16)
+        step = fwd_bwd(lambda: fp8_linear(x, w), (x, w), dy)
+        for _ in range(3):
+            step()
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+        with prof(activities=acts) as p:
+            for _ in range(5):
+                step()
+            if dev == "cuda":
+                torch.cuda.synchronize()
+        sort = "cuda_time_total" if dev == "cuda" else "cpu_time_total"
+        tables.append(f"== {name} {M}x{K}x{N} (5 steps)\n" + p.key_averages().table(sort_by=sort, row_limit=25))
+    with open(path, "w") as f:
+        f.write("\n".join(tables))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda")
-    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU check)")
+    ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--profile", default=None, help="write a kernel table of one FP8 linear step here")
     args = ap.parse_args()
+    if args.profile:
+        profile(args.device, args.profile)
     dev = args.device
-    out = {"bench": "fp8_gemm", "device": dev, "torch": torch.__version__,
-           "gpu": torch.cuda.get_device_name() if dev == "cuda" else None,
-           "cublas_blockwise": fp8.gpu_blockwise_available(dev) if dev == "cuda" else False, "shapes": []}
-    for M, K, N in (QUICK if args.quick else SHAPES):
-        g = torch.Generator().manual_seed(0)
-        x = torch.randn(M, K, generator=g).to(dev, torch.bfloat16).requires_grad_()
-        w = (torch.randn(N, K, generator=g) * 0.02).to(dev, torch.bfloat16).requires_grad_()
-        dy = torch.randn(M, N, generator=g).to(dev, torch.bfloat16)
-        flops_fb = 3 * 2 * M * N * K
-
-        def bf16_fb():
-            F.linear(x, w).backward(dy)
-
-        def fp8_fb():
-            fp8.fp8_linear(x, w).backward(dy)
-
-        t_bf16 = timeit(bf16_fb, dev)
-        t_fp8 = timeit(fp8_fb, dev)
-        qx, sx = fp8.quantize_act_1x128(x.detach())
-        qw, sw = fp8.quantize_weight_128x128(w.detach())
-        t_mm_bf16 = timeit(lambda: x.detach() @ w.detach().T, dev)
-        t_mm_fp8 = timeit(lambda: fp8.fp8_gemm(qx, sx, qw, sw, out_dtype=torch.bfloat16), dev)
-        t_quant = timeit(lambda: fp8.quantize_act_1x128(x.detach()), dev)
-        ref = fp8.fp8_matmul_reference(qx, sx, qw, sw)
-        err = ((fp8.fp8_gemm(qx, sx, qw, sw).float() - ref).norm() / ref.norm()).item()
-        out["shapes"].append({
-            "tokens": M, "hidden": K, "ffn": N,
-            "fwd_bwd_ms": {"bf16": round(t_bf16, 3), "fp8": round(t_fp8, 3)},
-            "fwd_bwd_ratio_fp8_over_bf16_speed": round(t_bf16 / t_fp8, 3),
-            "gemm_ms": {"bf16": round(t_mm_bf16, 3), "fp8_scaled_mm": round(t_mm_fp8, 3)},
-            "gemm_tflops": {"bf16": round(2 * M * N * K / t_mm_bf16 / 1e9, 1),
-                            "fp8": round(2 * M * N * K / t_mm_fp8 / 1e9, 1)},
-            "gemm_ratio_fp8_over_bf16_speed": round(t_mm_bf16 / t_mm_fp8, 3),
-            "act_quantize_ms": round(t_quant, 3),
-            "fwd_bwd_tflops_bf16": round(flops_fb / t_bf16 / 1e9, 1),
-            "gemm_rel_err_vs_dequant_reference": err,
-        })
-    print(json.dumps(out))
+    iters = args.iters or (2 if args.quick or dev == "cpu" else 20)
+    result = {"bench": "fp8_gemm", "device": dev, "torch": torch.__version__,
+              "gpu": torch.cuda.get_device_name() if dev == "cuda" else None,
+              "triton_kernels": dev == "cuda" and fp8.triton_available(),
+              "cublas_blockwise": ({"1x128_x_128x128": fp8_gemm.cublas_blockwise(dev, False),
+                                    "1x128_x_1x128": fp8_gemm.cublas_blockwise(dev, True)}
+                                   if dev == "cuda" else None)}
+    result["linear"] = [bench_linear(*s, dev, iters) for s in (QUICK_LINEAR if args.quick else LINEAR)]
+    result["grouped"] = [bench_grouped(*s, dev, iters) for s in (QUICK_GROUPED if args.quick else GROUPED)]
+    large = [r["fwd_bwd_speedup_fp8"] for r in result["linear"] if r["tokens"] >= LARGE]
+    result["summary"] = {"target_fwd_bwd_speedup_large": 1.4, "large_linear_fwd_bwd_speedups": large,
+                         "target_met": bool(large) and min(large) >= 1.4,
+                         "grouped_fwd_bwd_speedups": [r["fwd_bwd_speedup_fp8"] for r in result["grouped"]]}
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -22,22 +22,40 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from miles_lib.data.arithmetic import ArithmeticTaskConfig, build_tokenizer, generate_problems, write_jsonl  # noqa: E402
-from miles_lib.data.rewards import math_reward  # noqa: E402
-from miles_lib.evaluation import pass_at_k  # noqa: E402
-from miles_lib.model import ModelConfig, MoEForCausalLM  # noqa: E402
-from miles_lib.rollout import RolloutEngine, SamplingParams  # noqa: E402
+from miles_lib.data.arithmetic import (
+    ArithmeticTaskConfig,
+    build_tokenizer,
+    generate_problems,
+    write_jsonl,
+)
+from miles_lib.data.rewards import math_reward
+from miles_lib.evaluation import pass_at_k
+from miles_lib.model import ModelConfig, MoEForCausalLM
+from miles_lib.rollout import RolloutEngine, SamplingParams
 
-TASK = dict(min_digits=1, max_digits=3, ops=["+", "-"])
+TASK = {"min_digits": 1, "max_digits": 3, "ops": ["+", "-"]}
 
 
 def model_config(tok) -> ModelConfig:
-    # every projection is a multiple of 128 wide (block-scaled FP8 needs 128-aligned GEMMs)
+    # every projection is a multiple of 128 wide (block-scaled FP8 needs 128-aligned GEMMs); the
+    # 21-token character vocabulary is padded to 32 rows (ids >= 21 are never targets)
+    assert tok.vocab_size <= 32, tok.vocab_size
     return ModelConfig(model_type="qwen3_moe", vocab_size=32, hidden_size=128, num_attention_heads=4,
                        num_key_value_heads=4, head_dim=32, num_experts=8, num_experts_per_tok=2,
                        moe_intermediate_size=128, intermediate_size=256, num_hidden_layers=4,
                        norm_topk_prob=True, max_position_embeddings=64, tie_word_embeddings=False,
                        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+def prompt_sets(seed: int = 0, num_sft: int = 30000) -> tuple[list[dict], list[dict], list[dict]]:
+    """(eval, rl, sft) problem rows, pairwise disjoint: 300 held-out eval prompts (generator seed
+    1000 + seed), 2,000 RL prompts (2000 + seed), ``num_sft`` SFT problems (3000 + seed)."""
+    eval_rows = generate_problems(ArithmeticTaskConfig(**TASK, seed=1000 + seed), 300)
+    rl_rows = generate_problems(ArithmeticTaskConfig(**TASK, seed=2000 + seed), 2000,
+                                exclude={r["prompt"] for r in eval_rows})
+    held = {r["prompt"] for r in eval_rows} | {r["prompt"] for r in rl_rows}
+    sft_rows = generate_problems(ArithmeticTaskConfig(**TASK, seed=3000 + seed), num_sft, exclude=held)
+    return eval_rows, rl_rows, sft_rows
 
 
 def sft_batch(rows, tok, device):
@@ -91,11 +109,7 @@ def main() -> None:
     t0 = time.time()
 
     tok = build_tokenizer()
-    eval_rows = generate_problems(ArithmeticTaskConfig(**TASK, seed=1000 + args.seed), 300)
-    rl_rows = generate_problems(ArithmeticTaskConfig(**TASK, seed=2000 + args.seed), 2000,
-                                exclude={r["prompt"] for r in eval_rows})
-    held = {r["prompt"] for r in eval_rows} | {r["prompt"] for r in rl_rows}
-    sft_rows = generate_problems(ArithmeticTaskConfig(**TASK, seed=3000 + args.seed), args.num_sft, exclude=held)
+    eval_rows, rl_rows, sft_rows = prompt_sets(args.seed, args.num_sft)
     write_jsonl(os.path.join(args.data_dir, "eval.jsonl"), eval_rows)
     write_jsonl(os.path.join(args.data_dir, "train.jsonl"), rl_rows)
 

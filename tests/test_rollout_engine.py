@@ -161,7 +161,7 @@ def test_bad_input_raises_value_error(model, prompt, params, match):
 @pytest.mark.parametrize("kwargs", [dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-2),
                                     dict(max_new_tokens=0), dict(seed=-3)])
 def test_invalid_sampling_params(kwargs):
-    with pytest.raises(ValueError, match="invalid SamplingParams"):
+    with pytest.raises(ValueError, match=r"SamplingParams\.\w+=.* is invalid"):
         SamplingParams(**kwargs)
 
 

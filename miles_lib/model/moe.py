@@ -79,18 +79,28 @@ class GroupedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden, ffn))
         nn.init.normal_(self.gate_up_proj, std=0.02)
         nn.init.normal_(self.down_proj, std=0.02)
+        # the grouped GEMM (x_MI, w_EOI, offs_E) -> y_MO; precision converters (FP8, INT4 QAT)
+        # replace it on a built model, the model itself stays high precision
+        self.linear_fn = grouped_linear
 
     def forward(self, x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor) -> torch.Tensor:
-        N, K = ids_NK.shape
-        flat_ids = ids_NK.reshape(-1)
-        order = torch.argsort(flat_ids, stable=True)  # token-expert pairs sorted by expert
-        offs_E = torch.bincount(flat_ids, minlength=self.num_experts).cumsum(0).to(torch.int32)
-        x_MD = x_ND[order // K]
-        h_M2F = grouped_linear(x_MD, self.gate_up_proj, offs_E)
-        a_MF = F.silu(h_M2F[:, : self.ffn]) * h_M2F[:, self.ffn:]
-        y_MD = grouped_linear(a_MF.contiguous(), self.down_proj, offs_E)
-        y_NKD = torch.empty_like(y_MD).index_copy(0, order, y_MD).view(N, K, -1)
-        return (y_NKD * w_NK[..., None]).sum(dim=1)
+        return experts_forward(x_ND, ids_NK, w_NK, self.gate_up_proj, self.down_proj, self.linear_fn)
+
+
+def experts_forward(x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor, gate_up_E2FD: torch.Tensor,
+                    down_EDF: torch.Tensor, linear_fn=grouped_linear) -> torch.Tensor:
+    """sum_k w_Nk * down_e(silu(gate_e(x_N)) * up_e(x_N)) with one grouped GEMM per projection."""
+    N, K = ids_NK.shape
+    E, F2 = gate_up_E2FD.shape[0], gate_up_E2FD.shape[1] // 2
+    flat_ids = ids_NK.reshape(-1)
+    order = torch.argsort(flat_ids, stable=True)  # token-expert pairs sorted by expert
+    offs_E = torch.bincount(flat_ids, minlength=E).cumsum(0).to(torch.int32)
+    x_MD = x_ND[order // K]
+    h_M2F = linear_fn(x_MD, gate_up_E2FD, offs_E)
+    a_MF = F.silu(h_M2F[:, :F2]) * h_M2F[:, F2:]
+    y_MD = linear_fn(a_MF.contiguous(), down_EDF, offs_E)
+    y_NKD = torch.empty_like(y_MD).index_copy(0, order, y_MD).view(N, K, -1)
+    return (y_NKD * w_NK[..., None]).sum(dim=1)
 
 
 def experts_forward_loop(experts: GroupedExperts, x_ND: torch.Tensor, ids_NK: torch.Tensor,

@@ -1,142 +1,157 @@
-"""Block-scaled FP8 (e4m3) quantization and an FP8 linear layer (DeepSeek-V3 recipe).
+"""Block-scaled FP8 (e4m3) quantization: the tensor formats of the DeepSeek-V3 recipe.
 
 Design note.
-  * Format: e4m3 (3 mantissa bits, max 448) for every operand; fp32 scales s = amax / 448 per block,
-    q = round_to_e4m3(x / s), x ~ q * s. A block of zeros gets s = 1 (any scale reproduces it).
-    ``pow2_scales`` rounds s up to a power of two (exact rescaling, slightly coarser).
-  * Blocks: activations per 1x128 tile (one token, 128 channels), weights per 128x128 block, and
-    128x1 tiles (128 tokens, one channel) for the operand that is contracted over tokens in the
-    weight-gradient GEMM. Every contracted dimension must be a multiple of 128 (the tiny model is
-    sized so; other shapes raise).
-  * The three GEMMs of a linear y = x W^T:  fprop y = Q(x)_{1x128} Q(W)_{128x128}^T,
-    dgrad dx = Q(dy)_{1x128} Q(W)_{128x128}, wgrad dW = Q(dy^T)_{1x128 over tokens} Q(x)_{128x1}.
-    Accumulation is fp32; the master weight stays in bf16/fp32.
-  * CPU: an exact emulation — identical quantization, dequantize, fp32 matmul. GPU (sm90):
-    ``torch._scaled_mm`` with block-wise fp32 scales when the installed torch accepts them; the
-    emulation otherwise. Quantization is the same code on both devices, so the quantized operands
-    and scales agree bit for bit.
-  * Error to expect: vs the same quantized operands multiplied in fp32, only accumulation order;
-    vs the unquantized fp32 product, e4m3 rounding: ~3-4% relative (Frobenius) on Gaussian data.
+  * Format: e4m3 (1 sign, 4 exponent, 3 mantissa bits; finite max 448) for every GEMM operand —
+    weights, activations and gradients alike (fine-grained blocks give gradients their range, so
+    e5m2 is not needed). Per block b:  s_b = amax_b * (1/448) in fp32,  q = e4m3(clamp(x / s_b)),
+    x ~ q * s_b. A block of zeros gets s_b = 1 (any scale reproduces it). ``pow2_scales`` rounds
+    s_b up to a power of two (exact rescaling, slightly coarser), done on the fp32 bits so it is
+    exact on every device.
+  * Blocks (shape legend: M tokens, K contracted dim, N output dim, E experts):
+      act_1x128    x_MK  -> q_MK,  s [M, K/128]         one token x 128 channels (fprop, dgrad)
+      weight_128   w_NK  -> q_NK,  s [N/128, K/128]     (also [E, N, K] -> s [E, N/128, K/128])
+      act_128x1_t  x_MK  -> q_KM', s [K, M'/128]        128 tokens x one channel, returned
+                   TRANSPOSED (it is the operand of the wgrad GEMM, contracted over tokens);
+                   M' = M rounded up to 128, the padding tokens are zeros (they change neither
+                   an amax nor a sum).
+  * Bit-identity: CPU (torch ops) and GPU (the Triton kernels in ``triton_fp8``, or the same torch
+    ops) compute the same fp32 arithmetic — exact max, one rounded multiply for the scale, an IEEE
+    division, round-to-nearest-even into e4m3 — so q and s agree to the last bit (GPU test).
+    ``amax * (1/448)`` and not ``amax / 448``: CUDA turns division by a Python scalar into a
+    multiplication by its reciprocal; spelling the multiplication keeps CPU and GPU identical.
+  * Layout: scales are returned in their logical shape; memory layout is free (the Triton kernels
+    write the outer-dim-major layout cuBLAS wants for 1x128 scales, the torch path row-major).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib.util
+
 import torch
+
+from miles_lib.config import ConfigBase, check
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 BLOCK = 128
 
+_USE_TRITON = True  # tests flip this to compare the Triton kernels with the torch ops on GPU
+
+
+def round_up_pow2(s: torch.Tensor) -> torch.Tensor:
+    """Smallest power of two >= s for positive normal fp32 s (exact: mantissa bits rounded up)."""
+    bits = s.contiguous().view(torch.int32)
+    return ((bits + 0x7FFFFF) & 0x7F800000).view(torch.float32)
+
+
+def block_scale(amax: torch.Tensor, pow2_scales: bool = False) -> torch.Tensor:
+    """s = amax * (1/448) (1 for an all-zero block), optionally rounded up to a power of two."""
+    s = torch.where(amax > 0, amax * (1.0 / FP8_MAX), torch.ones_like(amax))
+    return round_up_pow2(s) if pow2_scales else s
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Triton is installed and the GPU has FP8 tensor cores (sm89+; the H200 is sm90)."""
+    return (importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
+            and torch.cuda.get_device_capability() >= (8, 9))
+
+
+def _triton_ok(x: torch.Tensor) -> bool:
+    return _USE_TRITON and x.is_cuda and triton_available()
+
+
+def _check_divisible(shape, br: int, bc: int, what: str) -> None:
+    R, C = shape[-2], shape[-1]
+    if R % br or C % bc:
+        raise ValueError(f"FP8 {what} quantization needs the last two dims {list(shape[-2:])} divisible by "
+                         f"[{br}, {bc}]; size the layer to multiples of 128 or pad it explicitly")
+
 
 def quantize_blockwise(x: torch.Tensor, block_rows: int, block_cols: int, pow2_scales: bool = False
                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """2-D ``x`` [R, C] -> (e4m3 [R, C], fp32 scales [R / br, C / bc]) with x ~ q * scale per block."""
-    R, C = x.shape
-    if R % block_rows or C % block_cols:
-        raise ValueError(f"FP8 block quantization needs [{R}, {C}] divisible by [{block_rows}, {block_cols}]; "
-                         "pad the tensor or size the layer to multiples of 128")
-    xb = x.float().reshape(R // block_rows, block_rows, C // block_cols, block_cols)
-    amax = xb.abs().amax(dim=(1, 3))
-    # amax * (1/448), not amax / 448: CUDA turns division by a Python scalar into multiplication by
-    # its reciprocal, so this form is what makes CPU and GPU scales identical to the last bit
-    scale = torch.where(amax > 0, amax * (1.0 / FP8_MAX), torch.ones_like(amax))
-    if pow2_scales:
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))
-    q = (xb / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.reshape(R, C), scale
+    """x [..., R, C] -> (e4m3 [..., R, C], fp32 scales [..., R/br, C/bc]) with x ~ q * s per block.
+
+    The reference implementation (torch ops, any device)."""
+    _check_divisible(x.shape, block_rows, block_cols, f"{block_rows}x{block_cols}")
+    *lead, R, C = x.shape
+    xb = x.float().reshape(*lead, R // block_rows, block_rows, C // block_cols, block_cols)
+    s = block_scale(xb.abs().amax(dim=(-3, -1)), pow2_scales)
+    q = (xb / s[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+    return q.reshape(x.shape), s
 
 
-def dequantize_blockwise(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    R, C = q.shape
-    br, bc = R // scale.shape[0], C // scale.shape[1]
-    x = q.float().reshape(scale.shape[0], br, scale.shape[1], bc) * scale[:, None, :, None]
-    return x.reshape(R, C)
+def dequantize_blockwise(q: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """q [..., R, C] e4m3 with scales [..., R/br, C/bc] -> q * s per block (block shape from the shapes)."""
+    *lead, R, C = q.shape
+    nr, nc = s.shape[-2], s.shape[-1]
+    x = q.float().reshape(*lead, nr, R // nr, nc, C // nc) * s.float()[..., :, None, :, None]
+    return x.reshape(q.shape).to(dtype)
 
 
-def quantize_act_1x128(x: torch.Tensor, pow2_scales: bool = False):
+def quantize_act_1x128(x: torch.Tensor, pow2_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [M, K], s [M, K/128]): one scale per token per 128 channels."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_act_1x128 expects a 2-D [tokens, channels] tensor, got {list(x.shape)}")
+    _check_divisible(x.shape, 1, BLOCK, "1x128")
+    if _triton_ok(x):
+        from miles_lib.precision import triton_fp8
+        return triton_fp8.quantize_1x128(x, pow2_scales)
     return quantize_blockwise(x, 1, BLOCK, pow2_scales)
 
 
-def quantize_weight_128x128(w: torch.Tensor, pow2_scales: bool = False):
+def quantize_weight_128x128(w: torch.Tensor, pow2_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] or [E, N, K] -> (q, s [..., N/128, K/128]): one scale per 128x128 block."""
+    _check_divisible(w.shape, BLOCK, BLOCK, "128x128")
+    if _triton_ok(w) and w.dim() in (2, 3):
+        from miles_lib.precision import triton_fp8
+        return triton_fp8.quantize_128x128(w, pow2_scales)
     return quantize_blockwise(w, BLOCK, BLOCK, pow2_scales)
 
 
-def fp8_matmul_reference(qa, sa, qb, sb) -> torch.Tensor:
-    """A B^T from quantized operands: dequantize both, multiply in fp32 (the exactness reference)."""
-    return dequantize_blockwise(qa, sa) @ dequantize_blockwise(qb, sb).T
+def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """x [M, ...] with zero rows appended up to a multiple of ``multiple``."""
+    extra = -x.shape[0] % multiple
+    return x if extra == 0 else torch.cat([x, x.new_zeros(extra, *x.shape[1:])], 0)
 
 
-def _scale_layouts(s: torch.Tensor) -> list[torch.Tensor]:
-    return [s, s.t().contiguous().t()]
+def quantize_act_128x1_t(x: torch.Tensor, pow2_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q^T [K, M'], s [K, M'/128]): one scale per 128 tokens per channel, transposed.
+
+    M' = M rounded up to 128 (zero tokens appended). This is the operand layout of the
+    weight-gradient GEMM dW = dy^T x, which contracts over tokens."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_act_128x1_t expects a 2-D [tokens, channels] tensor, got {list(x.shape)}")
+    if _triton_ok(x):
+        from miles_lib.precision import triton_fp8
+        return triton_fp8.quantize_128x1_t(x, pow2_scales)
+    return quantize_blockwise(pad_rows(x, BLOCK).t(), 1, BLOCK, pow2_scales)
 
 
-_LAYOUT: dict[str, tuple[int, int] | None] = {}
+def quantize_act_dual(x: torch.Tensor, pow2_scales: bool = False):
+    """(quantize_act_1x128(x), quantize_act_128x1_t(x)), reading x once on the GPU (both operands of
+    x's GEMMs in a training step: fprop and wgrad for an input, dgrad and wgrad for an output grad)."""
+    if x.dim() == 2 and x.shape[1] % BLOCK == 0 and _triton_ok(x):
+        from miles_lib.precision import triton_fp8
+        return triton_fp8.quantize_dual(x, pow2_scales)
+    return quantize_act_1x128(x, pow2_scales), quantize_act_128x1_t(x, pow2_scales)
 
 
-def _probe_scaled_mm(device: torch.device) -> tuple[int, int] | None:
-    """Find the scale layouts this torch/cuBLAS accepts for A 1x128 x B 128x128 by checking each
-    candidate against the dequantized fp32 reference on a small problem; None if none works."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(256, 512, generator=g).to(device)
-    b = torch.randn(384, 512, generator=g).to(device)
-    qa, sa = quantize_act_1x128(a)
-    qb, sb = quantize_weight_128x128(b)
-    ref = fp8_matmul_reference(qa, sa, qb, sb)
-    for i, la in enumerate(_scale_layouts(sa)):
-        for j, lb in enumerate(_scale_layouts(sb.t())):
-            try:
-                out = torch._scaled_mm(qa, qb.t(), scale_a=la, scale_b=lb, out_dtype=torch.float32)
-            except (RuntimeError, TypeError, ValueError):
-                continue
-            if ((out - ref).norm() / ref.norm()).item() < 1e-3:
-                return i, j
-    return None
+@dataclasses.dataclass
+class Fp8Config(ConfigBase):
+    """Block-scaled FP8 training / rollout (DeepSeek-V3 recipe)."""
+
+    pow2_scales: bool = False  # round every block scale up to a power of two
+    # which parts of the decoder run FP8 GEMMs; router, norms, embeddings and lm_head never do
+    modules: list[str] = dataclasses.field(default_factory=lambda: list(FP8_MODULES))
+
+    def __post_init__(self) -> None:
+        check(isinstance(self.pow2_scales, bool), "Fp8Config", "pow2_scales", self.pow2_scales, "a bool")
+        bad = [m for m in self.modules if m not in FP8_MODULES]
+        check(not bad and len(set(self.modules)) == len(self.modules), "Fp8Config", "modules", self.modules,
+              f"distinct names from {list(FP8_MODULES)}")
 
 
-def fp8_gemm(qa, sa, qb, sb, out_dtype=torch.float32) -> torch.Tensor:
-    """A B^T for A quantized 1x128 and B quantized 128x128 (cuBLAS on CUDA, emulation otherwise)."""
-    if qa.is_cuda:
-        key = str(qa.device)
-        if key not in _LAYOUT:
-            _LAYOUT[key] = _probe_scaled_mm(qa.device)
-        layout = _LAYOUT[key]
-        if layout is not None:
-            la, lb = _scale_layouts(sa)[layout[0]], _scale_layouts(sb.t())[layout[1]]
-            return torch._scaled_mm(qa, qb.t(), scale_a=la, scale_b=lb, out_dtype=out_dtype)
-    return fp8_matmul_reference(qa, sa, qb, sb).to(out_dtype)
-
-
-def gpu_blockwise_available(device: torch.device | str = "cuda") -> bool:
-    device = torch.device(device)
-    if str(device) not in _LAYOUT:
-        _LAYOUT[str(device)] = _probe_scaled_mm(device)
-    return _LAYOUT[str(device)] is not None
-
-
-class _Fp8LinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, weight):
-        qx, sx = quantize_act_1x128(x2d)
-        qw, sw = quantize_weight_128x128(weight)
-        ctx.save_for_backward(x2d, qw, sw)
-        return fp8_gemm(qx, sx, qw, sw, out_dtype=torch.float32).to(x2d.dtype)
-
-    @staticmethod
-    def backward(ctx, dy):
-        x2d, qw, sw = ctx.saved_tensors
-        # dgrad: dx = dy W = dy (W^T)^T; the 128x128 blocks of W^T are W's blocks transposed
-        qdy, sdy = quantize_act_1x128(dy)
-        dx = fp8_gemm(qdy, sdy, qw.t().contiguous(), sw.t().contiguous())
-        # wgrad: dW = dy^T x, contracted over tokens: both operands tiled along tokens (128x1 tiles
-        # of dy and x = 1x128 tiles of their transposes); emulated (cuBLAS takes a 128x128 B only)
-        qdyt, sdyt = quantize_act_1x128(dy.t().contiguous())
-        qxt, sxt = quantize_act_1x128(x2d.t().contiguous())
-        dw = fp8_matmul_reference(qdyt, sdyt, qxt, sxt)
-        return dx.to(dy.dtype), dw.to(dy.dtype)
-
-
-def fp8_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """y = x W^T with all three GEMMs on block-scaled FP8 operands (see the module note)."""
-    shape = x.shape
-    y = _Fp8LinearFn.apply(x.reshape(-1, shape[-1]), weight)
-    return y.reshape(*shape[:-1], weight.shape[0])
+FP8_MODULES = ("attention", "dense_mlp", "experts")

@@ -1,286 +1,443 @@
 """RolloutEngine: batched generation with a KV cache, continuous batching and partial rollout.
 
-The engine runs the same ``MoEForCausalLM`` code as the trainer (which is what makes train-inference
-alignment achievable) and records, per generated token, its log-probability (sampling.py), the
-weight version, and, per fed token, the experts every MoE layer chose (R3).
+Design note. The engine runs the trainer's own ``MoEForCausalLM`` code (through the model's
+``kv_cache`` hook), so the rollout log-probabilities and expert choices are those a teacher-forced
+forward of the same weights computes, to fp32 rounding. One loop iteration is one model forward:
 
-Scheduling loop (one iteration = one model forward):
-  * admit: while slots are free and requests wait, prefill up to ``prefill_batch`` new sequences
-    in one right-padded forward (resumed partial samples prefill their whole token history);
-  * decode: one forward for every running sequence (one new token each);
-  * retire: sequences that sampled a stop token (COMPLETED) or hit max_new_tokens / the context
-    length (TRUNCATED) leave and free their slot for a waiting request.
-``abort()`` (any thread) or ``target_groups`` (stop once that many prompt groups have all their
-samples finished) ends the loop early; unfinished samples come back ABORTED with what they have.
-Passing them to ``generate_samples`` again resumes them with their remaining token budget.
+  * admit  -- while slots are free and requests wait: prefill up to ``prefill_batch`` sequences
+              (at most ``max_prefill_tokens`` padded tokens) in one right-padded forward and sample
+              their first token. A resumed partial sample prefills its whole token history.
+  * decode -- otherwise: one forward feeding every running sequence its last token.
+  * retire -- a sequence that sampled a stop token (COMPLETED) or reached max_new_tokens or the
+              context (TRUNCATED) leaves; the last running sequence moves into its slot, so the
+              running ones always fill slots [0, B) (kv_cache.py, slots.py).
 
-Memory cap: ``max_concurrent_seqs`` slots of ``max_seq_len`` positions are preallocated; with
-``max_cache_bytes`` the slot count is lowered to fit.
+Per generated token the engine records its log-probability (sampling.py), the weight version, and,
+per fed token, the experts each MoE layer chose (R3): ``rollout_routed_experts`` has one row per
+token except the last (prompt positions included).
+
+Partial rollout: ``abort()`` (any thread, or an ``on_step`` callback) or ``target_groups`` (stop
+once that many groups have all their samples finished) ends the loop; unfinished samples come back
+ABORTED with what they generated. ``generate_samples`` resumes them with the remaining budget;
+their token stream continues exactly where it stopped (sampling is keyed by sequence position).
+
+Weights: ``update_weights`` copies tensors in place, ``mark_weights_updated`` only bumps the
+version (the engine runs the trainer's module). Either may be called between ``generate`` calls or
+from another thread / ``on_step`` while one runs: it is applied between two steps, the KV cache is
+invalidated (every running sequence is re-prefilled with the new weights) and the following tokens
+carry the new version.
+
+Memory: ``max_concurrent_seqs`` caps the running sequences; with ``max_cache_bytes`` the cap is
+lowered so the slot buffers for ``max_seq_len`` positions fit. Buffers are allocated for what a
+call needs (up to the caps) and reused by later calls; ``release_memory()`` frees them.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
-import heapq
 import threading
+from collections.abc import Callable, Iterable
 
 import torch
 
+from miles_lib.errors import ConfigError
 from miles_lib.rollout.kv_cache import SlotKVCache
-from miles_lib.rollout.sampling import SamplingParams, sample_tokens
+from miles_lib.rollout.sampling import SamplingParams, request_uniforms, sample_next
+from miles_lib.rollout.slots import SlotState, routes_dtype
 from miles_lib.types import Sample, Status
 
 
 @dataclasses.dataclass
-class _Seq:
+class RolloutProgress:
+    """What ``on_step`` receives after every engine step."""
+
+    step: int
+    running: int
+    waiting: int
+    finished: int
+    finished_groups: int
+
+
+@dataclasses.dataclass(eq=False)
+class _Request:
+    index: int  # position in the caller's list (named in errors)
     sample: Sample
     params: SamplingParams
     seed: int
-    budget: int  # tokens this request may still generate
-    routing: list[torch.Tensor]  # per fed token [nL, K] (int) rows, oldest first
+    max_tokens: int  # len(tokens) at which the response is truncated
+    uniforms: torch.Tensor | None = None
     slot: int = -1
-    generated: int = 0
+    start_tokens: int = 0  # len(sample.tokens) at admission
+    admit_step: int = 0  # decode-step counter at admission
 
 
 class RolloutEngine:
     def __init__(self, model: torch.nn.Module, max_concurrent_seqs: int = 256, max_seq_len: int | None = None,
-                 max_cache_bytes: int | None = None, prefill_batch: int = 64, seed: int = 0) -> None:
-        self.model = model
+                 max_cache_bytes: int | None = None, prefill_batch: int = 64, max_prefill_tokens: int = 16384,
+                 seed: int = 0) -> None:
         cfg = model.config
-        self.vocab_size = cfg.vocab_size
+        for name, v in (("max_concurrent_seqs", max_concurrent_seqs), ("prefill_batch", prefill_batch),
+                        ("max_prefill_tokens", max_prefill_tokens)):
+            if not (isinstance(v, int) and v > 0):
+                raise ValueError(f"RolloutEngine: {name}={v!r} must be a positive integer")
+        self.model, self.config = model, cfg
         self.max_seq_len = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+        if self.max_seq_len < 2:
+            raise ValueError(f"RolloutEngine: max_seq_len={self.max_seq_len} leaves no room for a response")
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        per_slot = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * self.max_seq_len * cfg.head_dim * p.element_size()
+        self.num_moe_layers = cfg.num_moe_layers
+        self.top_k = cfg.num_experts_per_tok if self.num_moe_layers else 0
         slots = max_concurrent_seqs
         if max_cache_bytes is not None:
+            per_slot = self.bytes_per_slot(self.max_seq_len)
             slots = min(slots, max_cache_bytes // per_slot)
             if slots < 1:
-                raise ValueError(f"max_cache_bytes={max_cache_bytes} cannot hold one sequence of "
-                                 f"max_seq_len={self.max_seq_len} ({per_slot} bytes)")
+                raise ValueError(f"RolloutEngine: max_cache_bytes={max_cache_bytes} cannot hold one sequence of "
+                                 f"max_seq_len={self.max_seq_len} ({per_slot} bytes); raise it or lower max_seq_len")
         self.max_concurrent_seqs = slots
-        self.prefill_batch = prefill_batch
+        self.prefill_batch, self.max_prefill_tokens = prefill_batch, max_prefill_tokens
         self.weight_version = 0
-        self._abort = threading.Event()
+        self._kv_version = 0
         self._seed_gen = torch.Generator().manual_seed(seed)
+        self._lock = threading.RLock()  # held for one step at a time; weight updates wait for it
+        self._abort = threading.Event()
+        self._busy = False
         self._cache: SlotKVCache | None = None
-        self.num_moe_layers = cfg.num_moe_layers
-        self.top_k = cfg.num_experts_per_tok if cfg.num_experts else 0
+        self._state: SlotState | None = None
 
-    # ---- weights -----------------------------------------------------------------------
-    def _invalidate_cache(self) -> None:
-        self._cache = None
+    def bytes_per_slot(self, max_len: int) -> int:
+        """Device bytes one running sequence of ``max_len`` positions needs (KV + slot buffers)."""
+        c = self.config
+        kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.dtype.itemsize
+        routes = self.num_moe_layers * self.top_k * routes_dtype(c.num_experts).itemsize
+        return max_len * (kv + routes + 8 + 4 + 4)  # + tokens (int64), logp, uniforms
+
+    # ---- weights -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def update_weights(self, named_tensors: dict[str, torch.Tensor] | Iterable[tuple[str, torch.Tensor]],
+                       version: int) -> None:
+        """Copy (name, tensor) pairs into the engine's weights in place; later tokens carry ``version``."""
+        items = named_tensors.items() if isinstance(named_tensors, dict) else named_tensors
+        with self._lock:
+            targets = dict(self.model.named_parameters())
+            targets.update(self.model.named_buffers())
+            for name, t in items:
+                if name not in targets:
+                    some = ", ".join(sorted(targets)[:4])
+                    raise ValueError(f"update_weights: unknown tensor {name!r} (the engine's model has e.g. {some})")
+                if tuple(targets[name].shape) != tuple(t.shape):
+                    raise ValueError(f"update_weights: {name} has shape {tuple(t.shape)}, the engine's model "
+                                     f"expects {tuple(targets[name].shape)}")
+                targets[name].copy_(t)
+            self.mark_weights_updated(version)
 
     def mark_weights_updated(self, version: int) -> None:
-        """Zero-copy sync: the engine already runs the trainer's tensors; bump the version."""
-        self.weight_version = int(version)
-        self._invalidate_cache()
+        """Zero-copy sync: the engine already runs the trainer's tensors; bump the version and
+        invalidate the KV cache (running sequences are re-prefilled before their next token)."""
+        with self._lock:
+            self.weight_version = int(version)
 
-    @torch.no_grad()
-    def update_weights(self, named_tensors, version: int) -> None:
-        """Copy (name, tensor) pairs into the engine's weights in place and set ``version``."""
-        params = dict(self.model.named_parameters())
-        params.update(dict(self.model.named_buffers()))
-        for name, t in (named_tensors.items() if isinstance(named_tensors, dict) else named_tensors):
-            if name not in params:
-                raise ValueError(f"update_weights: unknown tensor {name!r}")
-            if tuple(params[name].shape) != tuple(t.shape):
-                raise ValueError(f"update_weights: {name} has shape {tuple(t.shape)}, engine expects "
-                                 f"{tuple(params[name].shape)}")
-            params[name].copy_(t)
-        self.weight_version = int(version)
-        self._invalidate_cache()
+    @contextlib.contextmanager
+    def paused(self):
+        """Hold generation between two steps (e.g. around a multi-bucket weight sync)."""
+        with self._lock:
+            yield self
 
     def abort(self) -> None:
-        """Stop the running ``generate`` after the current forward (thread-safe)."""
+        """Stop the ``generate`` call in progress after its current step (thread-safe); unfinished
+        samples come back ABORTED. No effect when no call is running."""
         self._abort.set()
 
-    # ---- requests ----------------------------------------------------------------------
-    def _validate(self, i: int, tokens: list[int], params: SamplingParams) -> None:
-        if not isinstance(params, SamplingParams):
-            raise ValueError(f"request {i}: params must be SamplingParams, got {type(params).__name__}")
-        if len(tokens) == 0:
-            raise ValueError(f"request {i}: empty prompt")
-        if len(tokens) >= self.max_seq_len:
-            raise ValueError(f"request {i}: prompt of {len(tokens)} tokens leaves no room in the context "
-                             f"of {self.max_seq_len} tokens")
-        bad = [t for t in tokens if not (isinstance(t, int) and 0 <= t < self.vocab_size)]
-        if bad:
-            raise ValueError(f"request {i}: token ids {bad[:5]} are outside the vocabulary [0, {self.vocab_size})")
-        bad_stop = [t for t in params.stop_token_ids if not 0 <= t < self.vocab_size]
-        if bad_stop:
-            raise ValueError(f"request {i}: stop_token_ids {bad_stop} are outside the vocabulary")
+    def release_memory(self) -> None:
+        """Free the KV cache and slot buffers (re-allocated by the next call)."""
+        with self._lock:
+            if self._busy:
+                raise RuntimeError("release_memory: a generate call is running")
+            self._cache = self._state = None
 
+    # ---- requests ----------------------------------------------------------------------------
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams | list[SamplingParams],
-                 group_ids: list[int] | None = None, target_groups: int | None = None) -> list[Sample]:
-        """Generate one response per prompt; returns Samples in input order."""
+                 group_ids: list[int] | None = None, target_groups: int | None = None,
+                 on_step: Callable[[RolloutProgress], None] | None = None) -> list[Sample]:
+        """One response per prompt, as Samples in input order (``index`` = position, ``group_index``
+        = ``group_ids[i]`` or i). See ``generate_samples`` for ``target_groups`` and ``on_step``."""
         n = len(prompt_token_ids)
-        plist = params if isinstance(params, list) else [params] * n
-        if len(plist) != n:
-            raise ValueError(f"generate: {len(plist)} SamplingParams for {n} prompts")
-        samples = [Sample(index=i, group_index=(group_ids[i] if group_ids else i),
-                          tokens=[int(t) for t in toks], prompt=list(map(int, toks)))
-                   for i, toks in enumerate(prompt_token_ids)]
-        return self.generate_samples(samples, plist, target_groups=target_groups)
+        if group_ids is not None and len(group_ids) != n:
+            raise ValueError(f"generate: {len(group_ids)} group_ids for {n} prompts")
+        samples = [Sample(index=i, group_index=int(group_ids[i]) if group_ids is not None else i,
+                          prompt=list(toks), tokens=list(toks)) for i, toks in enumerate(prompt_token_ids)]
+        return self.generate_samples(samples, params, target_groups=target_groups, on_step=on_step)
 
     def generate_samples(self, samples: list[Sample], params: SamplingParams | list[SamplingParams],
-                         target_groups: int | None = None) -> list[Sample]:
-        """Generate for ``samples`` — new ones, or ABORTED ones to resume — in place; returns them."""
-        plist = params if isinstance(params, list) else [params] * len(samples)
-        seqs = []
-        for i, (s, p) in enumerate(zip(samples, plist)):
-            self._validate(i, s.tokens, p)
-            if s.status == Status.ABORTED or s.response_length > 0:  # resume a partial rollout
-                budget = p.max_new_tokens - s.response_length
-                routing = list(torch.as_tensor(s.rollout_routed_experts)) if s.rollout_routed_experts is not None else []
-            else:
-                s.response_length, s.rollout_log_probs, s.weight_versions = 0, [], []
-                budget, routing = p.max_new_tokens, []
-            s.rollout_log_probs = list(s.rollout_log_probs or [])
-            s.weight_versions = list(s.weight_versions or [])
-            seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, (1,), generator=self._seed_gen))
-            if "seed" not in s.metadata:
-                s.metadata["seed"] = seed
-            seqs.append(_Seq(s, p, int(s.metadata["seed"]), budget, routing))
-            if budget <= 0:
-                self._finish(seqs[-1], Status.TRUNCATED)
-        self._abort.clear()
-        with torch.inference_mode():
-            self._run([q for q in seqs if q.sample.status != Status.TRUNCATED or q.budget > 0], target_groups)
+                         target_groups: int | None = None,
+                         on_step: Callable[[RolloutProgress], None] | None = None) -> list[Sample]:
+        """Generate for ``samples`` in place and return them: new ones (tokens = prompt) or partial ones
+        (ABORTED, or any with response_length > 0) to resume with max_new_tokens - response_length
+        tokens left. Finished samples (COMPLETED / TRUNCATED) are returned unchanged.
+
+        target_groups: stop once this many groups (by ``group_index``) have all their samples
+            finished; the rest come back ABORTED with what they generated so far.
+        on_step: called with a RolloutProgress after every step (it may call ``abort()`` or update
+            the weights).
+        """
+        n = len(samples)
+        plist = list(params) if isinstance(params, (list, tuple)) else [params] * n
+        if len(plist) != n:
+            raise ValueError(f"generate: {len(plist)} SamplingParams for {n} prompts")
+        if target_groups is not None and not (isinstance(target_groups, int) and target_groups > 0):
+            raise ValueError(f"generate: target_groups={target_groups!r} must be a positive integer or None")
+        reqs = [self._make_request(i, s, p) for i, (s, p) in enumerate(zip(samples, plist))
+                if s.status not in (Status.COMPLETED, Status.TRUNCATED)]
+        with self._lock:
+            if self._busy:
+                raise RuntimeError("generate: this engine is already generating (one call at a time)")
+            self._busy = True
+            self._abort.clear()
+        try:
+            with torch.inference_mode():
+                self._run(reqs, target_groups, on_step)
+        finally:
+            with self._lock:
+                self._busy = False
+                self._abort.clear()
         return samples
 
-    # ---- scheduling loop ---------------------------------------------------------------
-    def _ensure_cache(self) -> SlotKVCache:
-        if self._cache is None:
-            c = self.model.config
-            self._cache = SlotKVCache(c.num_hidden_layers, self.max_concurrent_seqs, self.max_seq_len,
-                                      c.num_key_value_heads, c.head_dim, self.dtype, self.device)
-            self._route_buf = torch.zeros(self.max_concurrent_seqs, self.max_seq_len,
-                                          max(1, self.num_moe_layers), max(1, self.top_k),
-                                          dtype=torch.int32, device=self.device)
-        return self._cache
+    def _make_request(self, i: int, s: Sample, p: SamplingParams) -> _Request:
+        """Validate one request; errors name the prompt index and the problem."""
+        if not isinstance(p, SamplingParams):
+            raise ValueError(f"prompt {i}: params must be a SamplingParams, got {type(p).__name__}")
+        try:
+            p.validate()
+        except ConfigError as e:
+            raise ValueError(f"prompt {i}: invalid sampling params: {e}") from None
+        V = self.config.vocab_size
+        bad_stop = [t for t in p.stop_token_ids if t >= V]
+        if bad_stop:
+            raise ValueError(f"prompt {i}: stop_token_ids {bad_stop} are outside the vocabulary [0, {V})")
+        toks = s.tokens
+        if len(toks) == 0:
+            raise ValueError(f"prompt {i}: empty prompt; give at least one token id")
+        try:
+            t = torch.as_tensor(toks)
+        except (TypeError, ValueError, RuntimeError):
+            t = None
+        if t is None or t.dim() != 1 or t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
+            raise ValueError(f"prompt {i}: token ids must be a flat list of integers, got {str(toks)[:60]}")
+        bad = ((t < 0) | (t >= V)).nonzero().flatten().tolist()
+        if bad:
+            raise ValueError(f"prompt {i}: token ids {[int(t[j]) for j in bad[:5]]} at positions {bad[:5]} are "
+                             f"outside the vocabulary [0, {V})")
+        s.tokens = [int(x) for x in t.tolist()]
+        resumed = s.response_length > 0
+        if not resumed and len(s.tokens) >= self.max_seq_len:
+            raise ValueError(f"prompt {i}: {len(s.tokens)} tokens leave no room for a response in the context "
+                             f"of {self.max_seq_len} tokens (max_seq_len / max_position_embeddings); shorten it")
+        if resumed:
+            self._check_partial(i, s)
+        else:
+            s.response_length, s.rollout_log_probs, s.weight_versions = 0, [], []
+            s.rollout_routed_experts = None
+        seed = p.seed if p.seed is not None else s.metadata.get("seed")
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_gen))
+        s.metadata["seed"] = int(seed)
+        budget = p.max_new_tokens - s.response_length
+        max_tokens = min(len(s.tokens) + max(budget, 0), self.max_seq_len)
+        return _Request(i, s, p, int(seed), max_tokens)
 
-    def _run(self, seqs: list[_Seq], target_groups: int | None) -> None:
-        cache = self._ensure_cache()
-        waiting = list(seqs)
-        running: list[_Seq] = []
-        free = list(range(cache.num_slots))  # a min-heap: the lowest free slot is reused first,
-        # which keeps running sequences in consecutive slots (K/V are then read through views)
-        group_left: dict[int, int] = {}
-        for q in seqs:
-            group_left[q.sample.group_index] = group_left.get(q.sample.group_index, 0) + 1
-        done_groups = 0
-        state = None  # device tensors of the running set; rebuilt only when the set changes
-        while waiting or running:
-            if self._abort.is_set() or (target_groups is not None and done_groups >= target_groups):
-                break
-            if waiting and free:
-                batch = []
-                while waiting and free and len(batch) < self.prefill_batch:
-                    q = waiting.pop(0)
-                    q.slot = heapq.heappop(free)
-                    batch.append(q)
-                self._prefill(cache, batch)
-                running += batch
-                state = None
+    def _check_partial(self, i: int, s: Sample) -> None:
+        R, n = s.response_length, len(s.tokens)
+        problems = []
+        if R >= n:
+            problems.append(f"response_length={R} but only {n} tokens")
+        if len(s.rollout_log_probs or []) != R:
+            problems.append(f"{len(s.rollout_log_probs or [])} rollout_log_probs for {R} response tokens")
+        if len(s.weight_versions or []) != R:
+            problems.append(f"{len(s.weight_versions or [])} weight_versions for {R} response tokens")
+        r = s.rollout_routed_experts
+        if self.num_moe_layers and (r is None or tuple(r.shape) != (n - 1, self.num_moe_layers, self.top_k)):
+            problems.append(f"rollout_routed_experts of shape {None if r is None else tuple(r.shape)}, expected "
+                            f"{(n - 1, self.num_moe_layers, self.top_k)}")
+        if problems:
+            raise ValueError(f"prompt {i}: cannot resume this partial sample: " + "; ".join(problems))
+        s.rollout_log_probs, s.weight_versions = list(s.rollout_log_probs), list(s.weight_versions)
+
+    # ---- the scheduling loop -------------------------------------------------------------------
+    def _run(self, reqs: list[_Request], target_groups: int | None,
+             on_step: Callable[[RolloutProgress], None] | None) -> None:
+        group_left = collections.Counter(r.sample.group_index for r in reqs)
+        self._groups_done = self._finished = 0
+        self._group_left = group_left
+        waiting: collections.deque[_Request] = collections.deque()
+        for r in reqs:
+            if r.max_tokens <= len(r.sample.tokens):  # no budget or no context left
+                self._finish(r, Status.TRUNCATED)
             else:
-                if state is None:
-                    state = self._batch_state(running)
-                self._decode(cache, running, state)
-            still = []
-            for q in running:
-                if q.sample.status in (Status.COMPLETED, Status.TRUNCATED):
-                    heapq.heappush(free, q.slot)
-                    group_left[q.sample.group_index] -= 1
-                    done_groups += group_left[q.sample.group_index] == 0
-                    state = None
+                waiting.append(r)
+        if not waiting:
+            return
+        self._ensure_buffers(waiting)
+        running: list[_Request] = []  # running[b] owns slot b
+        self._decode_steps = step = 0
+        with self._lock:
+            self._kv_version = self.weight_version
+        while waiting or running:
+            with self._lock:
+                if self._abort.is_set() or (target_groups is not None and self._groups_done >= target_groups):
+                    break
+                if self._kv_version != self.weight_version:  # weights changed: the cache is stale
+                    for r in running:
+                        self._writeback(r)
+                    waiting.extendleft(reversed(running))
+                    running = []
+                    self._kv_version = self.weight_version
+                if waiting and len(running) < self._state.num_slots:
+                    lo, done = self._prefill(waiting, running)
                 else:
-                    still.append(q)
-            running = sorted(still, key=lambda q: q.slot)
-        for q in waiting + running:  # stopped early: hand back what was generated
-            self._finish(q, Status.ABORTED)
-        self._abort.clear()
+                    lo, done = 0, self._decode(running)
+                running = self._retire(running, lo, done)
+                step += 1
+            if on_step is not None:
+                on_step(RolloutProgress(step, len(running), len(waiting), self._finished, self._groups_done))
+        for r in running:
+            self._writeback(r)
+        for r in list(running) + list(waiting):
+            r.sample.status = Status.ABORTED
+            r.sample.loss_mask = [1] * r.sample.response_length
 
-    def _batch_state(self, seqs: list[_Seq]) -> dict:
-        dev = self.device
-        host_slots = [q.slot for q in seqs]
-        params = [q.params for q in seqs]
-        return {
-            "slots": torch.tensor(host_slots, device=dev), "range": SlotKVCache.contiguous(host_slots),
-            "temp": torch.tensor([p.temperature for p in params], device=dev, dtype=torch.float),
-            "top_k": torch.tensor([p.top_k for p in params], device=dev),
-            "top_p": torch.tensor([p.top_p for p in params], device=dev, dtype=torch.float),
-            "seeds": torch.tensor([q.seed for q in seqs], device=dev),
-            "any_filter": any(p.top_k > 0 or p.top_p < 1 for p in params),
-            "all_greedy": all(p.temperature <= 0 for p in params),
-            "last_tokens": torch.tensor([[q.sample.tokens[-1]] for q in seqs], device=dev),
-        }
+    def _ensure_buffers(self, reqs: Iterable[_Request]) -> None:
+        reqs = list(reqs)
+        S = min(self.max_concurrent_seqs, len(reqs))
+        L = max(r.max_tokens for r in reqs)
+        M = max(1, max(len(r.params.stop_token_ids) for r in reqs))
+        if self._state is not None and self._state.fits(S, L, M):
+            return
+        if self._state is not None:  # grow, never shrink, within the caps
+            S, L, M = max(S, self._state.num_slots), max(L, self._state.max_len), max(M, self._state.stops.shape[1])
+        c = self.config
+        self._cache = self._state = None  # free the old buffers before allocating the new ones
+        self._cache = SlotKVCache(c.num_hidden_layers, S, L, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
+        self._state = SlotState.allocate(S, L, self.num_moe_layers, self.top_k, c.num_experts, M, self.device)
 
-    def _forward(self, cache: SlotKVCache, ids: torch.Tensor, pos: torch.Tensor, last_idx: torch.Tensor):
-        out = self.model(ids, position_ids=pos, kv_cache=cache, return_routing=self.num_moe_layers > 0,
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor):
+        out = self.model(ids, position_ids=pos, kv_cache=self._cache, return_routing=self.num_moe_layers > 0,
                          return_hidden=True, compute_logits=False)
-        cache.end_step()
-        h_last = out.hidden_states[torch.arange(ids.shape[0], device=ids.device), last_idx]
-        return self.model.lm_head(h_last), out.routed_experts
+        self._cache.end_step()
+        return out.hidden_states, out.routed_experts
 
-    def _prefill(self, cache: SlotKVCache, batch: list[_Seq]) -> None:
-        lens = [len(q.sample.tokens) for q in batch]
-        T = max(lens)
-        ids = torch.zeros(len(batch), T, dtype=torch.long)
-        for b, q in enumerate(batch):
-            ids[b, : lens[b]] = torch.tensor(q.sample.tokens)
-        ids = ids.to(self.device)
-        lengths = torch.tensor(lens, device=self.device)
-        state = self._batch_state(batch)
-        cache.begin_prefill(state["slots"], lengths, T)
-        pos = torch.arange(T, device=self.device).expand(len(batch), T)
-        logits, routing = self._forward(cache, ids, pos, lengths - 1)
+    def _prefill(self, waiting: collections.deque[_Request], running: list[_Request]) -> tuple[int, torch.Tensor]:
+        """Admit waiting requests into slots [lo, lo + n) and sample their next token; (lo, done_n)."""
+        st, lo = self._state, len(running)
+        batch: list[_Request] = []
+        T = 0
+        while waiting and lo + len(batch) < st.num_slots and len(batch) < self.prefill_batch:
+            t_next = max(T, len(waiting[0].sample.tokens))
+            if batch and t_next * (len(batch) + 1) > self.max_prefill_tokens:
+                break
+            batch.append(waiting.popleft())
+            T = t_next
+        n = len(batch)
+        ids = torch.zeros(n, T, dtype=torch.long)
+        lens = torch.tensor([len(r.sample.tokens) for r in batch])
+        for b, r in enumerate(batch):
+            ids[b, : lens[b]] = torch.tensor(r.sample.tokens)
+            if r.uniforms is None:
+                r.uniforms = request_uniforms(r.seed, self.max_seq_len)
+            st.set_params(lo + b, r.params, r.uniforms, r.max_tokens)
+            r.slot, r.start_tokens, r.admit_step = lo + b, int(lens[b]), self._decode_steps
+        ids, lens = ids.to(self.device), lens.to(self.device)
+        self._cache.begin_prefill(lo, n)
+        hidden, routing = self._forward(ids, torch.arange(T, device=self.device).expand(n, T))
+        logits = self.model.lm_head(hidden[torch.arange(n, device=self.device), lens - 1])
         if routing is not None:
-            self._route_buf[state["slots"], :T] = routing.to(torch.int32)
-            for q in batch:  # resumed samples keep the rows recorded when their tokens were generated
-                if q.routing:
-                    old = torch.stack(q.routing[: len(q.sample.tokens) - 1]).to(self.device, torch.int32)
-                    self._route_buf[q.slot, : old.shape[0]] = old
-        self._sample(batch, state, logits, lengths)
+            st.routes[lo: lo + n, :T] = routing
+            for r in batch:  # a resumed sample keeps the rows recorded when its tokens were generated
+                if r.sample.rollout_routed_experts is not None:
+                    old = r.sample.rollout_routed_experts
+                    st.routes[r.slot, : old.shape[0]] = old.to(self.device, st.routes.dtype)
+        st.cache_len[lo: lo + n] = lens
+        running.extend(batch)
+        self._on_set_change(running)
+        flat = st.flat_index(lens, lo)
+        sp = st.sampling(lo, lo + n, [r.params for r in batch])
+        tokens, logp = sample_next(logits, sp, st.uniforms_at(flat))
+        return lo, st.record(lo, lens, flat, tokens, logp, self._check_stops)
 
-    def _decode(self, cache: SlotKVCache, running: list[_Seq], state: dict) -> None:
-        window = max(len(q.sample.tokens) for q in running)  # cached positions + the new one
-        slots = state["slots"]
-        pos = cache.lengths[slots][:, None].clone()
-        cache.begin_decode(slots, window, state["range"])
-        logits, routing = self._forward(cache, state["last_tokens"], pos,
-                                        torch.zeros(len(running), dtype=torch.long, device=self.device))
+    def _decode(self, running: list[_Request]) -> torch.Tensor:
+        """Feed every running sequence its last token; sample the next one."""
+        st, B = self._state, len(running)
+        pos = st.cache_len[:B]
+        window = self._max_offset + self._decode_steps  # = max over running of (fed tokens + 1)
+        self._cache.begin_decode(pos, window)
+        hidden, routing = self._forward(st.last[:B, None], pos[:, None])
+        logits = self.model.lm_head(hidden[:, 0])
+        flat = st.flat_index(pos)
         if routing is not None:
-            self._route_buf[slots, pos[:, 0]] = routing[:, 0].to(torch.int32)
-        self._sample(running, state, logits, pos[:, 0] + 1)
+            st.routes.view(-1, *st.routes.shape[2:]).index_copy_(0, flat, routing[:, 0].to(st.routes.dtype))
+        new_pos, new_flat = pos + 1, flat + 1  # where the sampled tokens go
+        st.cache_len[:B] = new_pos
+        self._decode_steps += 1
+        tokens, logp = sample_next(logits, self._decode_sampling, st.uniforms_at(new_flat))
+        return st.record(0, new_pos, new_flat, tokens, logp, self._check_stops)
 
-    def _sample(self, seqs: list[_Seq], state: dict, logits: torch.Tensor, positions: torch.Tensor) -> None:
-        tokens_d, logps_d = sample_tokens(logits, state["temp"], state["top_k"], state["top_p"], state["seeds"],
-                                          positions, any_filter=state["any_filter"],
-                                          all_greedy=state["all_greedy"])
-        state["last_tokens"] = tokens_d[:, None]
-        both = torch.stack([tokens_d.double(), logps_d.double()]).cpu()  # the one sync per step
-        tokens, logps = both[0].long().tolist(), both[1].tolist()
-        for q, tok, lp in zip(seqs, tokens, logps):
-            s = q.sample
-            s.tokens.append(tok)
-            s.rollout_log_probs.append(lp)
-            s.weight_versions.append(self.weight_version)
-            s.response_length += 1
-            q.generated += 1
-            if tok in q.params.stop_token_ids:
-                self._finish(q, Status.COMPLETED)
-            elif q.generated >= q.budget or len(s.tokens) >= self.max_seq_len:
-                self._finish(q, Status.TRUNCATED)
+    def _on_set_change(self, running: list[_Request]) -> None:
+        """Refresh the host-side facts about the running set (only when it changes)."""
+        self._max_offset = max((r.start_tokens + 1 - r.admit_step for r in running), default=0)
+        self._check_stops = any(r.params.stop_token_ids for r in running)
+        self._decode_sampling = self._state.sampling(0, len(running), [r.params for r in running])
 
-    def _finish(self, q: _Seq, status: Status) -> None:
-        s = q.sample
+    def _retire(self, running: list[_Request], lo: int, done_n: torch.Tensor) -> list[_Request]:
+        """Write back finished sequences (slots lo + i for done_n[i]) and move the last running ones
+        into their slots."""
+        done = [lo + i for i in done_n.cpu().nonzero().flatten().tolist()]  # the one host sync per step
+        if not done:
+            return running
+        B, leaving = len(running), set(done)
+        for slot in done:
+            r = running[slot]
+            self._writeback(r)
+            last = r.sample.tokens[-1]
+            self._finish(r, Status.COMPLETED if last in r.params.stop_token_ids else Status.TRUNCATED)
+        B_new = B - len(done)
+        holes = [s for s in done if s < B_new]
+        movers = [s for s in range(B_new, B) if s not in leaving]
+        if holes:
+            src = torch.tensor(movers, device=self.device)
+            dst = torch.tensor(holes, device=self.device)
+            window = max(self._tokens_now(running[s]) for s in movers)
+            self._cache.move(src, dst, window)
+            self._state.move(src, dst)
+            for s, h in zip(movers, holes):
+                running[h] = running[s]
+                running[h].slot = h
+        running = running[:B_new]
+        self._on_set_change(running)
+        return running
+
+    def _tokens_now(self, r: _Request) -> int:
+        """Tokens of a running request: its history, one sampled at admission, one per decode step."""
+        return r.start_tokens + 1 + self._decode_steps - r.admit_step
+
+    def _writeback(self, r: _Request) -> None:
+        """Append what a running request generated since admission to its Sample."""
+        s, n_now = r.sample, self._tokens_now(r)
+        toks, lps, routes = self._state.read(r.slot, r.start_tokens, n_now)
+        s.tokens.extend(toks)
+        s.rollout_log_probs.extend(lps)
+        s.weight_versions.extend([self._kv_version] * len(toks))
+        s.response_length += len(toks)
+        if routes is not None:
+            s.rollout_routed_experts = routes
+        r.slot = -1
+
+    def _finish(self, r: _Request, status: Status) -> None:
+        s = r.sample
         s.status = status
-        n_rows = len(s.tokens) - 1
-        if self.num_moe_layers and q.slot >= 0:  # rows live on the device until the sequence ends
-            s.rollout_routed_experts = self._route_buf[q.slot, :n_rows].to("cpu", copy=True)
-        elif self.num_moe_layers and q.routing:  # never scheduled again (aborted while waiting)
-            s.rollout_routed_experts = torch.stack(q.routing[:n_rows]).to(torch.int32)
-        elif self.num_moe_layers:
-            s.rollout_routed_experts = torch.zeros(0, self.num_moe_layers, self.top_k, dtype=torch.int32)
         s.loss_mask = [1] * s.response_length
+        self._finished += 1
+        self._group_left[s.group_index] -= 1
+        if self._group_left[s.group_index] == 0:
+            self._groups_done += 1

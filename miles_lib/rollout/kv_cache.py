@@ -1,14 +1,25 @@
-"""Preallocated slot KV cache implementing the model's ``KVCache.attend`` hook.
+"""Preallocated slot KV cache: the model's ``KVCache.attend`` hook for the rollout engine.
 
-Each layer owns K and V buffers [num_slots, G, max_len, Hd]; a running sequence owns one slot and
-its ``lengths[slot]`` cached positions. Two step kinds, set by the engine before each forward:
+Design note. Every layer owns K and V buffers ``[S, G, L, Hd]`` (S slots, L positions), allocated
+once and reused across steps and ``generate`` calls. A running sequence owns one slot; the engine
+keeps the running sequences in the slots ``[0, B)`` (it moves the last one into a finished one's
+slot), so every step works on plain views of the buffers -- no gather of the cache, no copy of
+the history, no allocation that grows with the sequence. The engine announces each forward:
 
-  prefill(slots, T): the step's T (right-padded) tokens are the sequences' first tokens; they are
-      written to positions [0, T) and attend causally among themselves (key padding masked).
-  decode(slots): one new token per sequence, written at position lengths[slot]; it attends to the
-      slot's positions [0, lengths[slot]] (the rest of the gathered window is masked).
+  prefill(lo, n): the step feeds n new sequences (right-padded to T) into slots [lo, lo + n);
+      their keys go to positions [0, T) and queries attend causally within the step. Right
+      padding never leaks into a real token's output (padding only follows real tokens); the
+      padded positions' keys are overwritten before any later query can see them.
+  decode(pos_B, W): one token per running slot b < B at position pos_B[b]; its key is written
+      there (one ``index_copy_`` per layer for all rows), then the query attends to positions
+      [0, pos_B[b]] of its slot, read through the view K[:B, :, :W] with W = max(pos) + 1 and the
+      positions past the row's own length masked out.
 
-Shape legend: B sequences in the step, H query heads, G kv heads, T step length, S key window, Hd.
+Both steps call ``F.scaled_dot_product_attention`` (fp32 accumulation on every backend), with
+``enable_gqa`` so the G kv heads are never repeated in memory.
+
+Shape legend: S slots, B running sequences, n prefill rows, H query heads, G kv heads, T step
+length, L cache positions, W decode window (<= L), Hd head dim.
 """
 
 from __future__ import annotations
@@ -23,68 +34,51 @@ class SlotKVCache:
         shape = (num_slots, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.lengths = torch.zeros(num_slots, dtype=torch.long, device=device)
-        self.num_slots, self.max_len = num_slots, max_len
-        self._mode = "decode"
-        self._slots = torch.zeros(0, dtype=torch.long, device=device)
-        self._mask: torch.Tensor | None = None
-        self._window = 0
+        self.num_slots, self.max_len, self.n_kv = num_slots, max_len, n_kv_heads
+        # flat offset of (slot b, kv head g, position 0) in a buffer viewed as [S * G * L, Hd]
+        self._row_base_SG = (torch.arange(num_slots * n_kv_heads, device=device) * max_len).view(num_slots, n_kv_heads)
+        self._mode = "none"
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def begin_prefill(self, slots: torch.Tensor, lengths: torch.Tensor, T: int) -> None:
-        """Next forward: the first ``lengths[b]`` tokens of each slot (right-padded to T = max)."""
-        dev = self.lengths.device
-        self._mode, self._slots = "prefill", slots
-        causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
-        keys = torch.arange(T, device=dev)[None, :] < lengths[:, None]
-        self._mask = (causal[None] & keys[:, None, :]) | torch.eye(T, dtype=torch.bool, device=dev)[None]
-        self._mask = self._mask[:, None]  # [B, 1, T, T]
-        self._new_lengths = lengths
+    # ---- step announcements (called by the engine before each forward) -------------------
+    def begin_prefill(self, lo: int, n: int) -> None:
+        self._mode, self._lo, self._n = "prefill", lo, n
 
-    @staticmethod
-    def contiguous(host_slots: list[int]) -> slice | None:
-        """The slots as a slice when they are consecutive (K/V are then viewed, not gathered)."""
-        lo = host_slots[0]
-        return slice(lo, lo + len(host_slots)) if host_slots == list(range(lo, lo + len(host_slots))) else None
-
-    def begin_decode(self, slots: torch.Tensor, window: int, slot_range: slice | None) -> None:
-        """Next forward: one token per slot at position lengths[slot]; ``window`` = max position + 1
-        and ``slot_range`` (consecutive slots) are passed from host-side bookkeeping (no sync)."""
-        self._mode, self._slots, self._range, self._window = "decode", slots, slot_range, window
-        pos = self.lengths[slots]
-        self._pos = pos
-        self._rows = torch.arange(slots.numel(), device=slots.device)
-        self._mask = (torch.arange(window, device=pos.device)[None, :] <= pos[:, None])[:, None, None, :]
+    def begin_decode(self, pos_B: torch.Tensor, window: int) -> None:
+        B = pos_B.shape[0]
+        self._mode, self._B, self._window = "decode", B, window
+        self._write_idx = (self._row_base_SG[:B] + pos_B[:, None]).reshape(-1)  # [B * G]
+        keys_W = torch.arange(window, device=pos_B.device)
+        self._mask = (keys_W[None, :] <= pos_B[:, None])[:, None, None, :]  # [B, 1, 1, W]
 
     def end_step(self) -> None:
-        if self._mode == "prefill":
-            self.lengths[self._slots] = self._new_lengths
-        else:
-            self.lengths[self._slots] += 1
+        self._mode = "none"
 
-    def release(self, slots: torch.Tensor) -> None:
-        self.lengths[slots] = 0
-
+    # ---- the model's hook ------------------------------------------------------------------
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        K, V, slots = self.k[layer_idx], self.v[layer_idx], self._slots
+        """q [B, H, T, Hd], k/v [B, G, T, Hd] (RoPE applied) -> [B, H, T, Hd]."""
+        K, V = self.k[layer_idx], self.v[layer_idx]
         gqa = q.shape[1] != k.shape[1]
         if self._mode == "prefill":
-            T = k.shape[2]
-            K[slots, :, :T] = k.to(K.dtype)
-            V[slots, :, :T] = v.to(V.dtype)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask, enable_gqa=gqa)
-        pos = self._pos
-        if self._range is not None:  # consecutive slots: write and read through views, no gather copy
-            Kr, Vr = K[self._range], V[self._range]
-            Kr[self._rows, :, pos] = k[:, :, 0].to(K.dtype)
-            Vr[self._rows, :, pos] = v[:, :, 0].to(V.dtype)
-            Kw, Vw = Kr[:, :, : self._window], Vr[:, :, : self._window]
-        else:
-            K[slots, :, pos] = k[:, :, 0].to(K.dtype)
-            V[slots, :, pos] = v[:, :, 0].to(V.dtype)
-            Kw = K[slots, :, : self._window]
-            Vw = V[slots, :, : self._window]
-        return F.scaled_dot_product_attention(q, Kw, Vw, attn_mask=self._mask, enable_gqa=gqa)
+            T, sl = k.shape[2], slice(self._lo, self._lo + self._n)
+            K[sl, :, :T] = k
+            V[sl, :, :T] = v
+            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        if self._mode != "decode":
+            raise RuntimeError("SlotKVCache.attend called outside a prefill/decode step")
+        Hd = K.shape[-1]
+        K.view(-1, Hd).index_copy_(0, self._write_idx, k.reshape(-1, Hd).to(K.dtype))
+        V.view(-1, Hd).index_copy_(0, self._write_idx, v.reshape(-1, Hd).to(V.dtype))
+        B, W = self._B, self._window
+        return F.scaled_dot_product_attention(q, K[:B, :, :W], V[:B, :, :W], attn_mask=self._mask,
+                                              enable_gqa=gqa)
+
+    # ---- slot management ---------------------------------------------------------------------
+    def move(self, src: torch.Tensor, dst: torch.Tensor, window: int) -> None:
+        """Copy the first ``window`` positions of slots ``src`` into slots ``dst`` (disjoint)."""
+        for buf in self.k + self.v:
+            view = buf[:, :, :window]
+            view.index_copy_(0, dst, view.index_select(0, src))

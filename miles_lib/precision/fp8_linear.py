@@ -1,0 +1,145 @@
+"""FP8 linear layers (autograd): dense ``Fp8Linear`` and the grouped expert GEMM of the MoE.
+
+Design note. A linear y = x W^T has three GEMMs; each runs on block-scaled e4m3 operands with
+fp32 accumulation (shape legend: M tokens, K in-features, N out-features, E experts):
+    fprop  y_MN  = Q1x128(x_MK)    . Q128x128(W_NK)^T          contract K
+    dgrad  dx_MK = Q1x128(dy_MN)   . Q128x128(W_NK)^T-blocks   contract N  (W's blocks transposed)
+    wgrad  dW_NK = Q128x1(dy_MN)^T . Q128x1(x_MK)              contract M  (tiles along tokens)
+The forward saves the FP8 weight and the 128x1-quantized x (half the bytes of a bf16 x), so the
+backward never re-reads x in high precision. The master weight stays in its own dtype (bf16/fp32)
+and its gradient is returned in that dtype. Outputs are in x's dtype. Inference (no grad needed)
+skips the wgrad operand. Grouped: the same three GEMMs per expert over the expert-sorted rows
+(``offs_E``), run by one grouped kernel on the GPU and by the dequantized reference on the CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from miles_lib.precision.fp8 import quantize_act_1x128, quantize_act_128x1_t, quantize_act_dual, quantize_weight_128x128
+from miles_lib.precision.fp8_gemm import fp8_mm, grouped_fp8_mm, grouped_fp8_wgrad
+
+
+def _grad_dtype(w: torch.Tensor) -> torch.dtype:
+    return w.dtype if w.dtype in (torch.float32, torch.bfloat16) else torch.float32
+
+
+def _quantize_input(x, pow2: bool, need_wgrad: bool):
+    """(1x128 quantization for fprop, 128x1 transposed for wgrad or (None, None))."""
+    if need_wgrad:
+        return quantize_act_dual(x, pow2)
+    return quantize_act_1x128(x, pow2), (None, None)
+
+
+def _quantize_grad(dy, pow2: bool, needs: tuple[bool, bool]):
+    """dy quantized 1x128 (dgrad) and 128x1 transposed (wgrad), each only if needed."""
+    if needs[0] and needs[1]:
+        return quantize_act_dual(dy, pow2)
+    return (quantize_act_1x128(dy, pow2) if needs[0] else (None, None),
+            quantize_act_128x1_t(dy, pow2) if needs[1] else (None, None))
+
+
+class _Fp8LinearFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_MK, w_NK, pow2_scales: bool):
+        (qx, sx), (qxt, sxt) = _quantize_input(x_MK, pow2_scales, ctx.needs_input_grad[1])
+        qw, sw = quantize_weight_128x128(w_NK, pow2_scales)
+        y = fp8_mm(qx, sx, qw, sw, out_dtype=x_MK.dtype)
+        ctx.save_for_backward(qw, sw, qxt, sxt)
+        ctx.pow2, ctx.w_dtype, ctx.M = pow2_scales, _grad_dtype(w_NK), x_MK.shape[0]
+        return y
+
+    @staticmethod
+    def backward(ctx, dy_MN):
+        qw, sw, qxt, sxt = ctx.saved_tensors
+        dy_MN = dy_MN.contiguous()
+        dx = dw = None
+        (qdy, sdy), (qdyt, sdyt) = _quantize_grad(dy_MN, ctx.pow2, ctx.needs_input_grad[:2])
+        if ctx.needs_input_grad[0]:
+            dx = fp8_mm(qdy, sdy, qw.t().contiguous(), sw.t().contiguous(), out_dtype=dy_MN.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = fp8_mm(qdyt, sdyt, qxt, sxt, out_dtype=ctx.w_dtype)
+        return dx, dw, None
+
+
+def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+               pow2_scales: bool = False) -> torch.Tensor:
+    """y = x W^T (+ b) with all three GEMMs on block-scaled FP8 operands (see the module note).
+
+    x [..., K], weight [N, K] with K and N multiples of 128; the bias is added in x's dtype."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        y = _Fp8LinearFn.apply(x2, weight, pow2_scales)
+    else:
+        qx, sx = quantize_act_1x128(x2, pow2_scales)
+        qw, sw = quantize_weight_128x128(weight, pow2_scales)
+        y = fp8_mm(qx, sx, qw, sw, out_dtype=x.dtype)
+    y = y.reshape(*shape[:-1], weight.shape[0])
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+class Fp8Linear(nn.Linear):
+    """``nn.Linear`` whose matmuls run in block-scaled FP8; same parameters and state-dict keys."""
+
+    pow2_scales: bool = False
+
+    @classmethod
+    def from_linear(cls, lin: nn.Linear, pow2_scales: bool = False) -> "Fp8Linear":
+        if lin.in_features % 128 or lin.out_features % 128:
+            raise ValueError(f"Fp8Linear needs in/out features that are multiples of 128, got "
+                             f"[{lin.out_features}, {lin.in_features}]; keep this layer in high precision")
+        with torch.device("meta"):
+            new = cls(lin.in_features, lin.out_features, bias=lin.bias is not None)
+        new.weight = lin.weight
+        new.bias = lin.bias
+        new.pow2_scales = pow2_scales
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(x, self.weight, self.bias, self.pow2_scales)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", fp8=e4m3 1x128/128x128, pow2_scales={self.pow2_scales}"
+
+
+# ---------------------------------------------------------------------------------------------
+# grouped (MoE experts)
+# ---------------------------------------------------------------------------------------------
+class _Fp8GroupedFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_MK, w_ENK, offs_E, pow2_scales: bool):
+        (qx, sx), (qxt, sxt) = _quantize_input(x_MK, pow2_scales, ctx.needs_input_grad[1])
+        qw, sw = quantize_weight_128x128(w_ENK, pow2_scales)
+        y = grouped_fp8_mm(qx, sx, qw, sw, offs_E, out_dtype=x_MK.dtype)
+        ctx.save_for_backward(qw, sw, qxt, sxt, offs_E)
+        ctx.pow2, ctx.w_dtype = pow2_scales, _grad_dtype(w_ENK)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy_MN):
+        qw, sw, qxt, sxt, offs_E = ctx.saved_tensors
+        dy_MN = dy_MN.contiguous()
+        dx = dw = None
+        (qdy, sdy), (qdyt, sdyt) = _quantize_grad(dy_MN, ctx.pow2, ctx.needs_input_grad[:2])
+        if ctx.needs_input_grad[0]:
+            dx = grouped_fp8_mm(qdy, sdy, qw.transpose(1, 2).contiguous(), sw.transpose(1, 2).contiguous(),
+                                offs_E, out_dtype=dy_MN.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = grouped_fp8_wgrad(qdyt, sdyt, qxt, sxt, offs_E, out_dtype=ctx.w_dtype)
+        return dx, dw, None, None
+
+
+def fp8_grouped_linear(x_MK: torch.Tensor, w_ENK: torch.Tensor, offs_E: torch.Tensor,
+                       pow2_scales: bool = False) -> torch.Tensor:
+    """Rows x[offs[e-1]:offs[e]] times w[e]^T for every expert e, in block-scaled FP8 -> [M, N].
+
+    Same contract as ``miles_lib.model.moe.grouped_linear`` (rows sorted by expert, int32
+    cumulative ``offs_E``), so it can be set as ``GroupedExperts.linear_fn``."""
+    if torch.is_grad_enabled() and (x_MK.requires_grad or w_ENK.requires_grad):
+        return _Fp8GroupedFn.apply(x_MK, w_ENK, offs_E, pow2_scales)
+    qx, sx = quantize_act_1x128(x_MK, pow2_scales)
+    qw, sw = quantize_weight_128x128(w_ENK, pow2_scales)
+    return grouped_fp8_mm(qx, sx, qw, sw, offs_E, out_dtype=x_MK.dtype)
+
