@@ -25,6 +25,7 @@ from miles_lib.loop import GRPOState, rng_state, run_steps, set_rng_state
 from miles_lib.model import MoEForCausalLM
 from miles_lib.model.tokenizer import Tokenizer
 from miles_lib.pipeline_config import GRPOConfig
+from miles_lib.precision.modes import apply_rollout_precision, apply_training_precision
 from miles_lib.rollout import RolloutEngine
 from miles_lib.train import distributed as dist_utils
 from miles_lib.train.actor import Actor
@@ -90,13 +91,17 @@ def load_state(checkpoint_uri: str, cfg: GRPOConfig | None = None) -> GRPOState:
     tokenizer = Tokenizer.from_files(ckpt.side_files, source=checkpoint_uri)
     dataset = PromptDataset(cfg.data)
     batcher = PromptBatcher(dataset, batch_size=cfg.rollout.prompts_per_step)  # seed: cfg.data.seed
-    if world > 1:
+    apply_training_precision(model, cfg.precision)
+    if world > 1 or cfg.precision.separate_rollout_model:
+        # the engine's own copy: its weights arrive through bucketed weight syncs
         engine_model = MoEForCausalLM(ckpt.model_config)
         engine_model.load_state_dict(ckpt.model_state)
-        engine_model.to(device=device, dtype=DTYPES[cfg.train.dtype])
-        dist_utils.shard_model(model)
+        engine_model.to(device=device, dtype=DTYPES[cfg.train.dtype]).requires_grad_(False)
+        apply_rollout_precision(engine_model, cfg.precision)
     else:
-        engine_model = model  # colocated, zero-copy weight sync
+        engine_model = model  # colocated, zero-copy weight sync (unified FP8 runs the same GEMMs)
+    if world > 1:
+        dist_utils.shard_model(model)
     ref_model = None
     if cfg.algorithm.kl_loss_coef > 0:
         ref_model = load_policy(cfg.reference_checkpoint).to(device=device, dtype=DTYPES[cfg.train.dtype]).eval()

@@ -75,12 +75,18 @@ def evaluate(model: torch.nn.Module, tokenizer: Tokenizer, rows: list[dict], cfg
 
 
 def evaluate_checkpoint(checkpoint_uri: str, cfg) -> tuple[pd.DataFrame, dict[str, float]]:
-    """``evaluate`` on a training checkpoint with the eval section of a GRPOConfig."""
+    """``evaluate`` on a training checkpoint with the eval section of a GRPOConfig.
+
+    The policy is evaluated as the rollout engine runs it: in the config's rollout precision
+    (FP8 GEMMs for precision.mode fp8 / fp8_rollout, packed int4 experts for int4_qat)."""
     from miles_lib.cycle import DTYPES, load_policy, resolve_device
     from miles_lib.data.dataset import DataConfig, PromptDataset
+    from miles_lib.precision.modes import apply_rollout_precision
 
     model = load_policy(checkpoint_uri).to(device=resolve_device(cfg.train.device),
                                            dtype=DTYPES[cfg.train.dtype]).eval()
+    model.requires_grad_(False)
+    apply_rollout_precision(model, cfg.precision)
     tokenizer = Tokenizer.from_pretrained(checkpoint_uri)
     data = DataConfig(path=cfg.eval.path, input_key=cfg.data.input_key, label_key=cfg.data.label_key,
                       chat_template=cfg.data.chat_template, on_bad_row=cfg.data.on_bad_row, shuffle=False)

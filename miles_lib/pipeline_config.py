@@ -20,6 +20,7 @@ from miles_lib.algorithms.config import AlgorithmConfig
 from miles_lib.config import ConfigBase, check
 from miles_lib.data.dataset import DataConfig
 from miles_lib.errors import ConfigError
+from miles_lib.precision.modes import PrecisionConfig
 from miles_lib.train.config import TrainConfig
 
 
@@ -74,6 +75,7 @@ class GRPOConfig(ConfigBase):
     algorithm: AlgorithmConfig = dataclasses.field(default_factory=AlgorithmConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
+    precision: PrecisionConfig = dataclasses.field(default_factory=PrecisionConfig)
     reward: str = "math"
     steps_per_cycle: int = 10
     seed: int = 0

@@ -26,7 +26,7 @@ import tempfile
 import time
 import uuid
 import warnings
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed.checkpoint as dcp
@@ -34,6 +34,9 @@ import torch.distributed.checkpoint as dcp
 from miles_lib import storage
 from miles_lib.errors import CheckpointError
 from miles_lib.model.config import ModelConfig
+
+if TYPE_CHECKING:
+    from miles_lib.precision.fp8 import Fp8Config
 
 MANIFEST = "manifest.json"
 FORMAT = "miles-training-checkpoint"
@@ -228,7 +231,10 @@ def latest_good_checkpoint(root: str, max_depth: int = 4) -> str | None:
 
 
 def convert_hf_to_training(hf_uri: str, out_uri: str) -> str:
-    """HF checkpoint -> training checkpoint (step 0). Tensors are kept bit for bit."""
+    """HF checkpoint -> training checkpoint (step 0). Tensors are kept bit for bit; an FP8
+    checkpoint is dequantized to bfloat16 (its quantization_config is dropped from config.json)."""
+    from miles_lib.precision.fp8_checkpoint import register_fp8_loader
+    register_fp8_loader()  # an FP8 source checkpoint is dequantized on load
     from miles_lib.model.hf_io import load_hf_tensors, read_config
     from miles_lib.model.hf_keys import hf_to_internal
 
@@ -241,21 +247,36 @@ def convert_hf_to_training(hf_uri: str, out_uri: str) -> str:
         path = storage.join(hf_uri, name)
         if storage.exists(path):
             side[name] = storage.read_bytes(path)
+    if "config.json" in side and "quantization_config" in json.loads(side["config.json"]):
+        # a quantized source was dequantized on load: the training weights are high precision
+        hf_cfg = json.loads(side["config.json"])
+        del hf_cfg["quantization_config"]
+        side["config.json"] = json.dumps(hf_cfg, indent=2).encode()
     return save_training_checkpoint(out_uri, state, cfg, step=0, side_files=side)
 
 
-def convert_training_to_hf(ckpt_uri: str, out_uri: str, max_shard_bytes: int | None = None) -> str:
+def convert_training_to_hf(ckpt_uri: str, out_uri: str, max_shard_bytes: int | None = None,
+                           fp8: "Fp8Config | None" = None) -> str:
     """Training checkpoint -> HF folder. The original config.json / generation_config.json /
-    tokenizer files are written back verbatim when the checkpoint carries them."""
+    tokenizer files are written back verbatim when the checkpoint carries them.
+
+    ``fp8``: write the decoder projections block-quantized (e4m3 ``weight`` + fp32
+    ``weight_scale_inv`` per 128x128 block, config.json gets the HF ``quantization_config``)."""
     from miles_lib.model.hf_io import SINGLE, _write_folder
     from miles_lib.model.hf_keys import internal_to_hf
     from safetensors.torch import save as st_save
 
     ckpt = load_training_checkpoint(ckpt_uri)
     tensors = internal_to_hf(ckpt.model_state, ckpt.model_config)
-    files = {SINGLE: st_save(tensors, metadata={"format": "pt"})}
-    files["config.json"] = json.dumps(ckpt.model_config.to_hf_dict(), indent=2).encode()
+    files = {"config.json": json.dumps(ckpt.model_config.to_hf_dict(), indent=2).encode()}
     files.update(ckpt.side_files)
+    if fp8 is not None:
+        from miles_lib.precision.fp8_checkpoint import fp8_quantizer
+        tensors, quant_config = fp8_quantizer(ckpt.model_config.moe_layer_indices(), fp8)(tensors)
+        hf_cfg = json.loads(files["config.json"])
+        hf_cfg["quantization_config"] = quant_config
+        files["config.json"] = json.dumps(hf_cfg, indent=2).encode()
+    files[SINGLE] = st_save(tensors, metadata={"format": "pt"})
     if max_shard_bytes is not None:
         raise CheckpointError("convert_training_to_hf: sharded export goes through "
                               "MoEForCausalLM.save_pretrained(max_shard_bytes=...)")

@@ -7,6 +7,11 @@ Layout read and written (local folder or any fsspec URI):
     generation_config.json           eos/bos/pad ids
     tokenizer.json (+ tokenizer_config.json), when a tokenizer is saved alongside
 
+Quantized checkpoints (config.json "quantization_config", e.g. HF block-FP8 with
+``<name>.weight_scale_inv`` tensors) load through a dequantizer registered for their
+``quant_method`` (``register_dequantizer``; ``miles_lib.precision`` registers "fp8" when imported,
+the model package itself never depends on precision) and are materialized in high precision.
+
 Loading validates before materializing anything: safetensors headers are parsed and checked
 against the file size (truncated / corrupt files are named), the tensor names and shapes are
 compared with what config.json implies (missing / unexpected / mis-shaped tensors are listed).
@@ -74,7 +79,17 @@ def parse_safetensors_header(data: bytes, source: str) -> dict[str, dict]:
     return header
 
 
-def read_config(uri: str) -> ModelConfig:
+# quant_method -> fn(hf_config dict, hf tensors, dtype, source) -> plain hf tensors
+_DEQUANTIZERS: dict = {}
+SCALE_SUFFIXES = (".weight_scale_inv",)
+
+
+def register_dequantizer(quant_method: str, fn) -> None:
+    """Let ``load_pretrained`` / ``load_hf_tensors`` read checkpoints quantized with ``quant_method``."""
+    _DEQUANTIZERS[quant_method] = fn
+
+
+def read_config_dict(uri: str) -> dict:
     path = storage.join(uri, "config.json")
     try:
         raw = storage.read_bytes(path)
@@ -82,9 +97,13 @@ def read_config(uri: str) -> ModelConfig:
         raise CheckpointError(f"{uri}: no config.json — not a HF checkpoint folder, or it was not "
                               "completely written (config.json is written last)") from None
     try:
-        return ModelConfig.from_hf_dict(json.loads(raw), source=path)
+        return json.loads(raw)
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+
+
+def read_config(uri: str) -> ModelConfig:
+    return ModelConfig.from_hf_dict(read_config_dict(uri), source=storage.join(uri, "config.json"))
 
 
 def _shard_files(uri: str) -> list[str]:
@@ -104,8 +123,19 @@ def _shard_files(uri: str) -> list[str]:
     raise CheckpointError(f"{uri}: no {SINGLE} or {INDEX} found")
 
 
-def load_hf_tensors(uri: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """All tensors of a HF checkpoint (HF names), validated against ``cfg``."""
+def load_hf_tensors(uri: str, cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """All tensors of a HF checkpoint (HF names), validated against ``cfg``; a quantized checkpoint
+    is dequantized (to ``dtype``, default bfloat16) by its registered dequantizer."""
+    hf_config = read_config_dict(uri)
+    qc = hf_config.get("quantization_config")
+    dequantize = None
+    if qc:
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        dequantize = _DEQUANTIZERS.get(method)
+        if dequantize is None:
+            known = sorted(_DEQUANTIZERS) or ["none registered: import miles_lib.precision for 'fp8'"]
+            raise CheckpointError(f"{uri}: config.json has quantization_config with quant_method={method!r}, "
+                                  f"which has no dequantizer (known: {known}); dequantize the checkpoint first")
     blobs, shapes, origin = {}, {}, {}
     for f in _shard_files(uri):
         src = storage.join(uri, f)
@@ -116,6 +146,8 @@ def load_hf_tensors(uri: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
                 raise CheckpointError(f"tensor {name!r} appears in both {origin[name]} and {src}")
             shapes[name], origin[name] = tuple(entry["shape"]), src
         blobs[src] = data
+    if dequantize is not None:  # scales are checked against their weights by the dequantizer
+        shapes = {n: sh for n, sh in shapes.items() if not n.endswith(SCALE_SUFFIXES)}
     validate_hf_tensors(cfg, shapes, uri)
     tensors: dict[str, torch.Tensor] = {}
     for src, data in blobs.items():
@@ -123,6 +155,8 @@ def load_hf_tensors(uri: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
             tensors.update(st_load(data))
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"{src}: cannot decode safetensors ({e})") from None
+    if dequantize is not None:
+        tensors = dequantize(hf_config, tensors, dtype or torch.bfloat16, uri)
     return tensors
 
 
@@ -131,7 +165,7 @@ def load_pretrained(uri: str, dtype: torch.dtype | None = None, device=None):
     from miles_lib.model.modeling import MoEForCausalLM
 
     cfg = read_config(uri)
-    tensors = load_hf_tensors(uri, cfg)
+    tensors = load_hf_tensors(uri, cfg, dtype)
     state = hf_to_internal(tensors, cfg)
     with torch.device("meta"):
         model = MoEForCausalLM(cfg)
@@ -167,10 +201,16 @@ def _write_folder(uri: str, files: dict[str, bytes]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def hf_files(model, max_shard_bytes: int | None = None, tokenizer=None) -> dict[str, bytes]:
-    """The files of a HF checkpoint of ``model`` as {name: bytes}."""
+def hf_files(model, max_shard_bytes: int | None = None, tokenizer=None, quantize=None) -> dict[str, bytes]:
+    """The files of a HF checkpoint of ``model`` as {name: bytes}.
+
+    ``quantize``: optional fn(hf tensors) -> (tensors, quantization_config dict) that writes the
+    weights quantized (``miles_lib.precision.save_fp8_pretrained`` passes the FP8 one)."""
     cfg: ModelConfig = model.config
     tensors = internal_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
+    quant_config = None
+    if quantize is not None:
+        tensors, quant_config = quantize(tensors)
     files: dict[str, bytes] = {}
     if max_shard_bytes is None:
         files[SINGLE] = st_save(tensors, metadata={"format": "pt"})
@@ -191,9 +231,11 @@ def hf_files(model, max_shard_bytes: int | None = None, tokenizer=None) -> dict[
             weight_map.update({n: fname for n in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         files[INDEX] = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2).encode()
-    dtype = next(iter(tensors.values())).dtype
+    dtype = next(t.dtype for t in tensors.values() if t.dtype.itemsize > 1)
     hf_cfg = cfg.to_hf_dict()
     hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
+    if quant_config is not None:
+        hf_cfg["quantization_config"] = quant_config
     files["config.json"] = json.dumps(hf_cfg, indent=2).encode()
     gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
                              ("pad_token_id", cfg.pad_token_id)) if v is not None}

@@ -127,3 +127,29 @@ def dequantize_hf_checkpoint(hf_config: dict, hf_tensors: dict[str, torch.Tensor
                               "quant_method 'fp8', fmt 'e4m3', weight_block_size [128, 128], activation_scheme "
                               "'dynamic' — dequantize the checkpoint first")
     return dequantize_state_dict_fp8(hf_tensors, dtype, source)
+
+
+def fp8_quantizer(moe_layers: list[int], cfg: Fp8Config | None = None):
+    """The ``quantize`` hook of ``hf_io.hf_files``: (FP8 tensors, quantization_config)."""
+    def quantize(hf_tensors: dict[str, torch.Tensor]):
+        return quantize_state_dict_fp8(hf_tensors, cfg), fp8_quantization_config(moe_layers)
+    return quantize
+
+
+def save_fp8_pretrained(model, uri: str, tokenizer=None, cfg: Fp8Config | None = None,
+                        max_shard_bytes: int | None = None) -> str:
+    """Write ``model`` as a HF FP8 checkpoint (block-quantized projections + ``weight_scale_inv``),
+    atomically like ``save_pretrained``. ``MoEForCausalLM.from_pretrained`` loads it back."""
+    from miles_lib.model.hf_io import _write_folder, hf_files
+    _write_folder(uri, hf_files(model, max_shard_bytes, tokenizer,
+                                quantize=fp8_quantizer(model.config.moe_layer_indices(), cfg)))
+    return uri
+
+
+def register_fp8_loader() -> None:
+    """Let ``hf_io`` load HF FP8 checkpoints (done when this module is imported; idempotent)."""
+    from miles_lib.model.hf_io import register_dequantizer
+    register_dequantizer("fp8", dequantize_hf_checkpoint)
+
+
+register_fp8_loader()

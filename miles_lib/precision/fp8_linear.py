@@ -21,6 +21,45 @@ from miles_lib.precision.fp8 import quantize_act_1x128, quantize_act_128x1_t, qu
 from miles_lib.precision.fp8_gemm import fp8_mm, grouped_fp8_mm, grouped_fp8_wgrad
 
 
+def _cache_allowed() -> bool:
+    # FSDP refills unsharded parameters through collectives; do not trust version counters there
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1)
+
+
+def _transposed(q: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dgrad operand: the last two dims of the quantized weight and its block scales swapped."""
+    return q.transpose(-2, -1).contiguous(), s.transpose(-2, -1).contiguous()
+
+
+def quantized_weight(w: torch.Tensor, pow2_scales: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q128x128(w), computed once per weight value: cached on the tensor and reused while its
+    storage and version counter are unchanged (an optimizer step or a weight sync bumps the
+    version). So the rollout engine quantizes each weight once per weight sync, and the trainer
+    once per optimizer step instead of once per micro-batch."""
+    if not _cache_allowed() or not isinstance(w, nn.Parameter):
+        return quantize_weight_128x128(w, pow2_scales)
+    key = (w.data_ptr(), w._version, pow2_scales, w.dtype)
+    cache = getattr(w, "_fp8_cache", None)
+    if cache is None or cache["key"] != key:
+        with torch.inference_mode(False), torch.no_grad():  # normal tensors: autograd may save them
+            cache = {"key": key, "q": quantize_weight_128x128(w.detach(), pow2_scales)}
+        w._fp8_cache = cache
+    return cache["q"]
+
+
+def weight_for_dgrad(w: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The dgrad operand (the quantized weight with its last two dims swapped, scales too), cached
+    next to ``qw`` when ``qw`` came from the cache of ``w``."""
+    cache = getattr(w, "_fp8_cache", None)
+    if cache is None or cache["q"][0] is not qw:
+        return _transposed(qw, sw)
+    if "qt" not in cache:
+        with torch.inference_mode(False), torch.no_grad():
+            cache["qt"] = _transposed(qw, sw)
+    return cache["qt"]
+
+
 def _grad_dtype(w: torch.Tensor) -> torch.dtype:
     return w.dtype if w.dtype in (torch.float32, torch.bfloat16) else torch.float32
 
@@ -44,10 +83,10 @@ class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MK, w_NK, pow2_scales: bool):
         (qx, sx), (qxt, sxt) = _quantize_input(x_MK, pow2_scales, ctx.needs_input_grad[1])
-        qw, sw = quantize_weight_128x128(w_NK, pow2_scales)
+        qw, sw = quantized_weight(w_NK, pow2_scales)
         y = fp8_mm(qx, sx, qw, sw, out_dtype=x_MK.dtype)
         ctx.save_for_backward(qw, sw, qxt, sxt)
-        ctx.pow2, ctx.w_dtype, ctx.M = pow2_scales, _grad_dtype(w_NK), x_MK.shape[0]
+        ctx.pow2, ctx.w_dtype, ctx.M, ctx.weight = pow2_scales, _grad_dtype(w_NK), x_MK.shape[0], w_NK
         return y
 
     @staticmethod
@@ -57,7 +96,8 @@ class _Fp8LinearFn(torch.autograd.Function):
         dx = dw = None
         (qdy, sdy), (qdyt, sdyt) = _quantize_grad(dy_MN, ctx.pow2, ctx.needs_input_grad[:2])
         if ctx.needs_input_grad[0]:
-            dx = fp8_mm(qdy, sdy, qw.t().contiguous(), sw.t().contiguous(), out_dtype=dy_MN.dtype)
+            qwt, swt = weight_for_dgrad(ctx.weight, qw, sw)
+            dx = fp8_mm(qdy, sdy, qwt, swt, out_dtype=dy_MN.dtype)
         if ctx.needs_input_grad[1]:
             dw = fp8_mm(qdyt, sdyt, qxt, sxt, out_dtype=ctx.w_dtype)
         return dx, dw, None
@@ -74,7 +114,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
         y = _Fp8LinearFn.apply(x2, weight, pow2_scales)
     else:
         qx, sx = quantize_act_1x128(x2, pow2_scales)
-        qw, sw = quantize_weight_128x128(weight, pow2_scales)
+        qw, sw = quantized_weight(weight, pow2_scales)
         y = fp8_mm(qx, sx, qw, sw, out_dtype=x.dtype)
     y = y.reshape(*shape[:-1], weight.shape[0])
     return y if bias is None else y + bias.to(y.dtype)
@@ -111,10 +151,10 @@ class _Fp8GroupedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MK, w_ENK, offs_E, pow2_scales: bool):
         (qx, sx), (qxt, sxt) = _quantize_input(x_MK, pow2_scales, ctx.needs_input_grad[1])
-        qw, sw = quantize_weight_128x128(w_ENK, pow2_scales)
+        qw, sw = quantized_weight(w_ENK, pow2_scales)
         y = grouped_fp8_mm(qx, sx, qw, sw, offs_E, out_dtype=x_MK.dtype)
         ctx.save_for_backward(qw, sw, qxt, sxt, offs_E)
-        ctx.pow2, ctx.w_dtype = pow2_scales, _grad_dtype(w_ENK)
+        ctx.pow2, ctx.w_dtype, ctx.weight = pow2_scales, _grad_dtype(w_ENK), w_ENK
         return y
 
     @staticmethod
@@ -124,8 +164,8 @@ class _Fp8GroupedFn(torch.autograd.Function):
         dx = dw = None
         (qdy, sdy), (qdyt, sdyt) = _quantize_grad(dy_MN, ctx.pow2, ctx.needs_input_grad[:2])
         if ctx.needs_input_grad[0]:
-            dx = grouped_fp8_mm(qdy, sdy, qw.transpose(1, 2).contiguous(), sw.transpose(1, 2).contiguous(),
-                                offs_E, out_dtype=dy_MN.dtype)
+            qwt, swt = weight_for_dgrad(ctx.weight, qw, sw)
+            dx = grouped_fp8_mm(qdy, sdy, qwt, swt, offs_E, out_dtype=dy_MN.dtype)
         if ctx.needs_input_grad[1]:
             dw = grouped_fp8_wgrad(qdyt, sdyt, qxt, sxt, offs_E, out_dtype=ctx.w_dtype)
         return dx, dw, None, None
@@ -140,6 +180,6 @@ def fp8_grouped_linear(x_MK: torch.Tensor, w_ENK: torch.Tensor, offs_E: torch.Te
     if torch.is_grad_enabled() and (x_MK.requires_grad or w_ENK.requires_grad):
         return _Fp8GroupedFn.apply(x_MK, w_ENK, offs_E, pow2_scales)
     qx, sx = quantize_act_1x128(x_MK, pow2_scales)
-    qw, sw = quantize_weight_128x128(w_ENK, pow2_scales)
+    qw, sw = quantized_weight(w_ENK, pow2_scales)
     return grouped_fp8_mm(qx, sx, qw, sw, offs_E, out_dtype=x_MK.dtype)
 

@@ -158,6 +158,22 @@ class Int4Experts(nn.Module):
             getattr(self, f"{name}_packed").copy_(packed)
             getattr(self, f"{name}_scales").copy_(scales)
 
+    @torch.no_grad()
+    def load_weight(self, name: str, w: torch.Tensor) -> None:
+        """Pack one high-precision expert weight by its ``GroupedExperts`` name (``gate_up_proj`` or
+        ``down_proj``): what the rollout engine calls for a trainer tensor during a weight sync."""
+        G, sd = self.cfg.group_size, _SCALE_DTYPES[self.cfg.scale_dtype]
+        prefix = {"gate_up_proj": "gate_up", "down_proj": "down"}.get(name)
+        if prefix is None:
+            raise ValueError(f"Int4Experts.load_weight: unknown expert weight {name!r}; expected gate_up_proj or down_proj")
+        packed_buf = getattr(self, f"{prefix}_packed")
+        want = (*packed_buf.shape[:-1], packed_buf.shape[-1] * 8)
+        if tuple(w.shape) != want:
+            raise ValueError(f"Int4Experts.load_weight: {name} has shape {tuple(w.shape)}, expected {want}")
+        packed, scales = pack_int4(w.detach().to(packed_buf.device), G, sd)
+        packed_buf.copy_(packed)
+        getattr(self, f"{prefix}_scales").copy_(scales)
+
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         G = self.cfg.group_size
         return (unpack_int4(self.gate_up_packed, self.gate_up_scales, G, self.dtype),

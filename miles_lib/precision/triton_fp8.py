@@ -72,26 +72,6 @@ def _quant_128x1_t_kernel(x_ptr, q_ptr, s_ptr, M, K, Mp, stride_xm, POW2: tl.con
 
 
 @triton.jit
-def _quant_dual_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, stride_xm, POW2: tl.constexpr):
-    """One read of a 128x128 tile of x -> its 1x128 (row) and 128x1 (column, transposed) quantizations."""
-    mb = tl.program_id(0)
-    kb = tl.program_id(1)
-    rm = mb * 128 + tl.arange(0, 128)
-    rk = kb * 128 + tl.arange(0, 128)
-    mmask = rm < M
-    x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :], mask=mmask[:, None], other=0.0)
-    x = x.to(tl.float32)
-    s = _scale(tl.max(tl.abs(x), axis=1), POW2)
-    q = tl.clamp(tl.math.div_rn(x, tl.broadcast_to(s[:, None], (128, 128))), -448.0, 448.0)
-    tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=mmask[:, None])
-    tl.store(s_ptr + kb * M + rm, s, mask=mmask)
-    st = _scale(tl.max(tl.abs(x), axis=0), POW2)
-    qt = tl.clamp(tl.math.div_rn(x, tl.broadcast_to(st[None, :], (128, 128))), -448.0, 448.0)
-    tl.store(qt_ptr + rk[:, None].to(tl.int64) * Mp + rm[None, :], tl.trans(qt).to(qt_ptr.dtype.element_ty))
-    tl.store(st_ptr + mb * K + rk, st)
-
-
-@triton.jit
 def _quant_128x128_kernel(w_ptr, q_ptr, s_ptr, N, K, POW2: tl.constexpr):
     pid = tl.program_id(0)  # over E * N/128 row blocks
     kb = tl.program_id(1)
@@ -129,21 +109,6 @@ def quantize_128x1_t(x: torch.Tensor, pow2_scales: bool) -> tuple[torch.Tensor, 
     _quant_128x1_t_kernel[(Mp // BLOCK, triton.cdiv(K, BK))](x, q, s_buf, M, K, Mp, x.stride(0),
                                                             POW2=pow2_scales, BK=BK)
     return q, s_buf.t()
-
-
-def quantize_dual(x: torch.Tensor, pow2_scales: bool):
-    """(quantize_1x128(x), quantize_128x1_t(x)) reading x once."""
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    M, K = x.shape
-    Mp = -(-M // BLOCK) * BLOCK
-    q = torch.empty(M, K, dtype=FP8, device=x.device)
-    s_t = torch.empty(K // BLOCK, M, dtype=torch.float32, device=x.device)
-    qt = torch.empty(K, Mp, dtype=FP8, device=x.device)
-    st_buf = torch.empty(Mp // BLOCK, K, dtype=torch.float32, device=x.device)
-    _quant_dual_kernel[(Mp // BLOCK, K // BLOCK)](x, q, s_t, qt, st_buf, M, K, Mp, x.stride(0), POW2=pow2_scales,
-                                                  num_warps=8)
-    return (q, s_t.t()), (qt, st_buf.t())
 
 
 def quantize_128x128(w: torch.Tensor, pow2_scales: bool) -> tuple[torch.Tensor, torch.Tensor]:

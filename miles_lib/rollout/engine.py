@@ -126,6 +126,11 @@ class RolloutEngine:
             targets.update(self.model.named_buffers())
             for name, t in items:
                 if name not in targets:
+                    owner, _, leaf = name.rpartition(".")
+                    mod = self._submodule(owner)
+                    if mod is not None and hasattr(mod, "load_weight"):  # e.g. packed INT4 experts re-pack
+                        mod.load_weight(leaf, t)
+                        continue
                     some = ", ".join(sorted(targets)[:4])
                     raise ValueError(f"update_weights: unknown tensor {name!r} (the engine's model has e.g. {some})")
                 if tuple(targets[name].shape) != tuple(t.shape):
@@ -133,6 +138,12 @@ class RolloutEngine:
                                      f"expects {tuple(targets[name].shape)}")
                 targets[name].copy_(t)
             self.mark_weights_updated(version)
+
+    def _submodule(self, name: str) -> torch.nn.Module | None:
+        try:
+            return self.model.get_submodule(name)
+        except AttributeError:
+            return None
 
     def mark_weights_updated(self, version: int) -> None:
         """Zero-copy sync: the engine already runs the trainer's tensors; bump the version and
