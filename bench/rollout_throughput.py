@@ -6,6 +6,7 @@ ratio engine / transformers.
 
     python bench/rollout_throughput.py                                  # tiny config, CPU
     python bench/rollout_throughput.py --config large --device cuda --dtype bfloat16
+    python bench/rollout_throughput.py --compile      # + the engine with compile_decode=True
 """
 
 from __future__ import annotations
@@ -49,12 +50,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_engine(model, prompts, new_tokens, device, repeats):
+def time_engine(model, prompts, new_tokens, device, repeats, compile_decode=False):
     engine = RolloutEngine(model, max_concurrent_seqs=len(prompts), max_seq_len=prompts.shape[1] + new_tokens + 1,
-                           prefill_batch=len(prompts))
+                           prefill_batch=len(prompts), compile_decode=compile_decode)
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
     ids = prompts.tolist()
-    engine.generate(ids, params)  # warm-up
+    t0 = time.perf_counter()
+    engine.generate(ids, params)  # warm-up (and, compiled, the one-time compile)
+    time_engine.warmup_s = time.perf_counter() - t0
     best = float("inf")
     for _ in range(repeats):
         sync(device)
@@ -93,6 +96,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--compile", action="store_true",
+                    help="also time the engine with compile_decode=True (compile time reported, not timed)")
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -105,9 +110,15 @@ def main() -> None:
         eng_tps, eng_tokens = time_engine(ours, prompts, args.new_tokens, args.device, args.repeats)
         hf_tps, hf_tokens = time_hf(hf, prompts, args.new_tokens, args.device, args.repeats)
         agree = sum(a == b for a, b in zip(eng_tokens, hf_tokens)) / B
-        results.append({"batch": B, "engine_tokens_per_s": round(eng_tps, 1),
-                        "transformers_tokens_per_s": round(hf_tps, 1), "ratio": round(eng_tps / hf_tps, 3),
-                        "greedy_sequences_identical_frac": agree})
+        row = {"batch": B, "engine_tokens_per_s": round(eng_tps, 1),
+               "transformers_tokens_per_s": round(hf_tps, 1), "ratio": round(eng_tps / hf_tps, 3),
+               "greedy_sequences_identical_frac": agree}
+        if args.compile:
+            c_tps, c_tokens = time_engine(ours, prompts, args.new_tokens, args.device, args.repeats, True)
+            row.update({"engine_compiled_tokens_per_s": round(c_tps, 1), "compiled_ratio": round(c_tps / hf_tps, 3),
+                        "compile_warmup_s": round(time_engine.warmup_s, 1),
+                        "compiled_equals_eager_frac": sum(a == b for a, b in zip(c_tokens, eng_tokens)) / B})
+        results.append(row)
     print(json.dumps({
         "bench": "rollout_throughput", "config": args.config, "device": args.device, "dtype": args.dtype,
         "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,

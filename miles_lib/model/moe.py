@@ -35,8 +35,16 @@ def _grouped_mm_ok(x: torch.Tensor) -> bool:
 def grouped_linear(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     """Rows x[offs[e-1]:offs[e]] times w[e]^T for every expert e -> [M, O].
 
-    ``offs_E`` are the int32 cumulative row counts (rows must be sorted by expert).
+    ``offs_E`` are the int32 cumulative row counts (rows must be sorted by expert). Under
+    ``torch.compile`` (the rollout engine's compiled decode step) the same computation runs as the
+    opaque custom op ``miles::grouped_linear`` so the rest of the step compiles around it.
     """
+    if torch.compiler.is_compiling():
+        return _grouped_linear_op(x_MI, w_EOI, offs_E)
+    return _grouped_linear_eager(x_MI, w_EOI, offs_E)
+
+
+def _grouped_linear_eager(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     if _grouped_mm_ok(x_MI):
         return torch._grouped_mm(x_MI, w_EOI.transpose(-2, -1), offs=offs_E)
     outs, start = [], 0
@@ -44,6 +52,23 @@ def grouped_linear(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor
         outs.append(x_MI[start:end] @ w_EOI[e].transpose(0, 1))
         start = end
     return torch.cat(outs, 0)
+
+
+@torch.library.custom_op("miles::grouped_linear", mutates_args=())
+def _grouped_linear_op(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """Inference-only (no autograd formula): the engine compiles its no-grad decode step."""
+    return _grouped_linear_eager(x_MI, w_EOI, offs_E)
+
+
+@_grouped_linear_op.register_fake
+def _(x_MI, w_EOI, offs_E):
+    return x_MI.new_empty(x_MI.shape[0], w_EOI.shape[1])
+
+
+def expert_counts(flat_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows per expert (int64 [E]); an index_add rather than bincount so it also compiles."""
+    return torch.zeros(num_experts, dtype=torch.long, device=flat_ids.device).index_add_(
+        0, flat_ids, torch.ones_like(flat_ids))
 
 
 class Router(nn.Module):
@@ -94,7 +119,7 @@ def experts_forward(x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor
     E, F2 = gate_up_E2FD.shape[0], gate_up_E2FD.shape[1] // 2
     flat_ids = ids_NK.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)  # token-expert pairs sorted by expert
-    offs_E = torch.bincount(flat_ids, minlength=E).cumsum(0).to(torch.int32)
+    offs_E = expert_counts(flat_ids, E).cumsum(0).to(torch.int32)
     x_MD = x_ND[order // K]
     h_M2F = linear_fn(x_MD, gate_up_E2FD, offs_E)
     a_MF = F.silu(h_M2F[:, :F2]) * h_M2F[:, F2:]

@@ -76,7 +76,7 @@ class _Request:
 class RolloutEngine:
     def __init__(self, model: torch.nn.Module, max_concurrent_seqs: int = 256, max_seq_len: int | None = None,
                  max_cache_bytes: int | None = None, prefill_batch: int = 64, max_prefill_tokens: int = 16384,
-                 seed: int = 0) -> None:
+                 seed: int = 0, compile_decode: bool = False) -> None:
         cfg = model.config
         for name, v in (("max_concurrent_seqs", max_concurrent_seqs), ("prefill_batch", prefill_batch),
                         ("max_prefill_tokens", max_prefill_tokens)):
@@ -105,6 +105,9 @@ class RolloutEngine:
         self._lock = threading.RLock()  # held for one step at a time; weight updates wait for it
         self._abort = threading.Event()
         self._busy = False
+        # decode steps through torch.compile (dynamic shapes: batch and window vary); prefill stays
+        # eager. Costs a one-time compile (~10-40 s on CPU) for ~1.3x faster CPU decode steps.
+        self._decode_model = torch.compile(model, dynamic=True) if compile_decode else model
         self._cache: SlotKVCache | None = None
         self._state: SlotState | None = None
 
@@ -333,8 +336,8 @@ class RolloutEngine:
         self._cache = SlotKVCache(c.num_hidden_layers, S, L, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
         self._state = SlotState.allocate(S, L, self.num_moe_layers, self.top_k, c.num_experts, M, self.device)
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor):
-        out = self.model(ids, position_ids=pos, kv_cache=self._cache, return_routing=self.num_moe_layers > 0,
+    def _forward(self, ids: torch.Tensor, pos: torch.Tensor, decode: bool = False):
+        out = (self._decode_model if decode else self.model)(ids, position_ids=pos, kv_cache=self._cache, return_routing=self.num_moe_layers > 0,
                          return_hidden=True, compute_logits=False)
         self._cache.end_step()
         return out.hidden_states, out.routed_experts
@@ -383,7 +386,7 @@ class RolloutEngine:
         pos = st.cache_len[:B]
         window = self._max_offset + self._decode_steps  # = max over running of (fed tokens + 1)
         self._cache.begin_decode(pos, window)
-        hidden, routing = self._forward(st.last[:B, None], pos[:, None])
+        hidden, routing = self._forward(st.last[:B, None], pos[:, None], decode=True)
         logits = self.model.lm_head(hidden[:, 0])
         flat = st.flat_index(pos)
         if routing is not None:
