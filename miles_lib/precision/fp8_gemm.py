@@ -85,12 +85,21 @@ def _row_major_padded(s: torch.Tensor, keep_padding: bool) -> torch.Tensor:
     return buf if keep_padding else buf[:, : s.shape[1]]
 
 
-def _candidates_b(sb: torch.Tensor, rowwise: bool) -> list[torch.Tensor]:
-    """Candidate scale_b tensors for b = B^T ([K, N], column-major)."""
+_NUM_CANDIDATES_B = {True: 2, False: 4}
+
+
+def _candidate_b(sb: torch.Tensor, rowwise: bool, i: int) -> torch.Tensor:
+    """Candidate ``i`` of the scale_b layouts for b = B^T ([K, N], column-major); only the one the
+    probe picked is built per GEMM (each candidate costs kernels and host time)."""
     if rowwise:  # 1x128 tiles of B [N, K]: scale_b^T must be [N, K/128] outer-dim-major
-        return [_outer_major(sb).t(), sb.t()]
-    return [_row_major_padded(sb, True).t(), sb.contiguous().t(), _row_major_padded(sb, False).t(),
-            sb.t().contiguous()]
+        return sb.t() if i == 1 else _outer_major(sb).t()
+    if i == 0:
+        return _row_major_padded(sb, True).t()
+    if i == 1:
+        return sb.contiguous().t()
+    if i == 2:
+        return _row_major_padded(sb, False).t()
+    return sb.t().contiguous()
 
 
 def _call(api: str, a, b, scale_a, scale_b, rowwise_b: bool, out_dtype):
@@ -119,7 +128,8 @@ def _probe(device: torch.device, rowwise_b: bool) -> tuple[str, int] | None:
     qb, sb = quantize_blockwise(torch.randn(384, K, generator=g).to(device), 1 if rowwise_b else BLOCK, BLOCK)
     ref = fp8_mm_reference(qa, sa, qb, sb)
     for api in _apis():
-        for i, scale_b in enumerate(_candidates_b(sb, rowwise_b)):
+        for i in range(_NUM_CANDIDATES_B[rowwise_b]):
+            scale_b = _candidate_b(sb, rowwise_b, i)
             try:
                 out = _call(api, qa, qb.t(), _outer_major(sa), scale_b, rowwise_b, torch.float32)
             except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError):
@@ -147,7 +157,7 @@ def _cublas_mm(qa, sa, qb, sb, rowwise_b: bool, how: tuple[str, int], out_dtype)
         qa = torch.cat([qa, qa.new_zeros(pad, qa.shape[1])])
         sa = torch.cat([sa, sa.new_ones(pad, sa.shape[1])])
     api, i = how
-    scale_b = _candidates_b(sb, rowwise_b)[i]
+    scale_b = _candidate_b(sb, rowwise_b, i)
     out = _call(api, qa.contiguous(), qb.contiguous().t(), _outer_major(sa), scale_b, rowwise_b, out_dtype)
     return out[:M] if pad else out
 
