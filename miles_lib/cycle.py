@@ -107,7 +107,8 @@ def load_state(checkpoint_uri: str, cfg: GRPOConfig | None = None) -> GRPOState:
         ref_model = load_policy(cfg.reference_checkpoint).to(device=device, dtype=DTYPES[cfg.train.dtype]).eval()
         ref_model.requires_grad_(False)
     actor = Actor(model, cfg.train, cfg.algorithm, ref_model=ref_model)
-    engine = RolloutEngine(engine_model, max_concurrent_seqs=cfg.rollout.max_concurrent_seqs)
+    engine = RolloutEngine(engine_model, max_concurrent_seqs=cfg.rollout.max_concurrent_seqs,
+                           compile_decode=cfg.rollout.compile_decode)
     state = GRPOState(cfg=cfg, model=model, tokenizer=tokenizer, actor=actor, engine=engine,
                       batcher=batcher)
     if "actor" in extra:  # resuming a cycle output: restore the whole job state

@@ -37,6 +37,7 @@ class RolloutConfig(ConfigBase):
     max_sampling_rounds: int = 4  # rollout rounds per step when dynamic sampling refills
     partial_rollout: bool = False  # stop once prompts_per_step groups finish; resume the rest next step
     over_sample_groups: int = 4  # extra groups in flight when partial_rollout is on
+    compile_decode: bool = False  # torch.compile the engine's decode step (one-time compile cost)
 
     def __post_init__(self) -> None:
         s = "RolloutConfig"
