@@ -16,12 +16,18 @@ def convert_checkpoint(model: str, storage_root: str, run_name: str) -> FlyteDir
     return FlyteDirectory(path=convert_hf_to_training(model, out))
 
 
+EXPORT_FORMATS = ("hf", "hf-fp8")
+
+
 @task(cache=True, cache_version=CACHE_VERSION, requests=CPU_RESOURCES, container_image=CPU_IMAGE)
-def export_model(checkpoint: FlyteDirectory, storage_root: str, run_name: str, fp8: bool) -> FlyteDirectory:
-    """Training checkpoint -> HF folder for serving; ``fp8``: block-quantized e4m3 projections with
-    ``weight_scale_inv`` (the HF FP8 layout), loadable by ``MoEForCausalLM.from_pretrained``."""
+def export_model(checkpoint: FlyteDirectory, storage_root: str, run_name: str, export_format: str) -> FlyteDirectory:
+    """Training checkpoint -> HF folder for serving under <root>/<run>/export/<format>. ``hf-fp8``:
+    block-quantized e4m3 projections with ``weight_scale_inv`` (the HF FP8 layout), loadable by
+    ``MoEForCausalLM.from_pretrained``."""
     from miles_lib.precision import Fp8Config
 
-    out = artifact_uri(storage_root, run_name, "export", "hf-fp8" if fp8 else "hf")
-    return FlyteDirectory(path=convert_training_to_hf(uri_of(checkpoint), out,
-                                                      fp8=Fp8Config() if fp8 else None))
+    if export_format not in EXPORT_FORMATS:
+        raise ValueError(f"export_format={export_format!r} is invalid: must be one of {list(EXPORT_FORMATS)}")
+    out = artifact_uri(storage_root, run_name, "export", export_format)
+    fp8 = Fp8Config() if export_format == "hf-fp8" else None
+    return FlyteDirectory(path=convert_training_to_hf(uri_of(checkpoint), out, fp8=fp8))

@@ -22,21 +22,23 @@ steps_per_cycle: 1
 """
 
 
-def pipeline(tmp_path, root, *, cycles=2, env=None, run_name="t", timeout=300):
+def pipeline(tmp_path, root, *, cycles=2, env=None, run_name="t", timeout=300, extra=()):
     cfg = tmp_path / "small.yaml"
     cfg.write_text(SMALL)
     e = {**os.environ, "HOME": str(tmp_path / "home"), "FLYTE_LOCAL_CACHE_ENABLED": "false", **(env or {})}
     cmd = [PYFLYTE, "run", "workflows/grpo.py", "grpo_pipeline", "--config", str(cfg), "--num_cycles",
-           str(cycles), "--storage_root", root, "--run_name", run_name]
+           str(cycles), "--storage_root", root, "--run_name", run_name, *extra]
     return subprocess.run(cmd, cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
 def test_tiny_pipeline_end_to_end(tmp_path):
     root = str(tmp_path / "artifacts")
-    r = pipeline(tmp_path, root)
+    r = pipeline(tmp_path, root, extra=("--export_format", "hf-fp8"))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "pass@1 base" in r.stdout
     run = os.path.join(root, "t")
+    hf_cfg = json.load(open(os.path.join(run, "export", "hf-fp8", "config.json")))
+    assert hf_cfg["quantization_config"]["quant_method"] == "fp8"  # the final policy, exported as HF FP8
     for rel in ("eval-base.parquet", "eval-final.parquet", "metrics.parquet", "summary.json",
                 "cycle-000/checkpoint/manifest.json", "cycle-001/checkpoint/manifest.json",
                 "cycle-002/checkpoint/manifest.json", "cycle-002/metrics.parquet", "cycle-002/samples.parquet"):

@@ -3,10 +3,10 @@
     pyflyte run workflows/grpo.py grpo_pipeline                      # shipped tiny model, local
     pyflyte run workflows/grpo.py grpo_pipeline --num_cycles 5 --storage_root s3://bucket/runs
     pyflyte run --remote workflows/grpo.py grpo_pipeline --config my.yaml --model s3://bucket/hf-model
-    pyflyte run workflows/grpo.py grpo_pipeline --config examples/configs/tiny_grpo_fp8.yaml --export_fp8 true
+    pyflyte run workflows/grpo.py grpo_pipeline --config examples/configs/tiny_grpo_fp8.yaml --export_format hf-fp8
 
 The final policy is exported as a HF folder under <root>/<run>/export/ (hf, or hf-fp8: block-FP8
-weights + weight_scale_inv when ``export_fp8``).
+weights + weight_scale_inv with ``export_format='hf-fp8'``).
 
 Each cycle is cached on (config, input checkpoint, cycle index, storage root, run name): re-running
 after a failure in cycle k reuses cycles < k and restarts k from checkpoint k-1.
@@ -43,13 +43,13 @@ def run_cycles(checkpoint: FlyteDirectory, config: GRPOConfig, num_cycles: int, 
 @workflow
 def grpo_pipeline(model: str = DEFAULT_MODEL, config: str = DEFAULT_CONFIG, num_cycles: int = 3,
                   storage_root: str = "runs/flyte", run_name: str = "tiny-grpo",
-                  export_fp8: bool = False) -> dict[str, float]:
+                  export_format: str = "hf") -> dict[str, float]:
     cfg = load_config(path=config)
     base_ckpt = convert_checkpoint(model=model, storage_root=storage_root, run_name=run_name)
     base = evaluate(checkpoint=base_ckpt, config=cfg, tag="base", storage_root=storage_root, run_name=run_name)
     final_ckpt, metrics = run_cycles(checkpoint=base_ckpt, config=cfg, num_cycles=num_cycles,
                                      storage_root=storage_root, run_name=run_name)
     final = evaluate(checkpoint=final_ckpt, config=cfg, tag="final", storage_root=storage_root, run_name=run_name)
-    export_model(checkpoint=final_ckpt, storage_root=storage_root, run_name=run_name, fp8=export_fp8)
+    export_model(checkpoint=final_ckpt, storage_root=storage_root, run_name=run_name, export_format=export_format)
     return summarize(base=base.summary, final=final.summary, metrics=metrics, storage_root=storage_root,
                      run_name=run_name)
