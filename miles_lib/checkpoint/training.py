@@ -235,11 +235,12 @@ def convert_hf_to_training(hf_uri: str, out_uri: str) -> str:
     checkpoint is dequantized to bfloat16 (its quantization_config is dropped from config.json)."""
     from miles_lib.precision.fp8_checkpoint import register_fp8_loader
     register_fp8_loader()  # an FP8 source checkpoint is dequantized on load
-    from miles_lib.model.hf_io import load_hf_tensors, read_config
+    from miles_lib.model.hf_io import load_hf_tensors, read_config_dict
     from miles_lib.model.hf_keys import hf_to_internal
 
-    cfg = read_config(hf_uri)
-    state = hf_to_internal(load_hf_tensors(hf_uri, cfg), cfg)
+    hf_config = read_config_dict(hf_uri)
+    cfg = ModelConfig.from_hf_dict(hf_config, source=storage.join(hf_uri, "config.json"))
+    state = hf_to_internal(load_hf_tensors(hf_uri, cfg, hf_config=hf_config), cfg)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     side = {}
@@ -271,10 +272,10 @@ def convert_training_to_hf(ckpt_uri: str, out_uri: str, max_shard_bytes: int | N
     files = {"config.json": json.dumps(ckpt.model_config.to_hf_dict(), indent=2).encode()}
     files.update(ckpt.side_files)
     if fp8 is not None:
-        from miles_lib.precision.fp8_checkpoint import fp8_quantizer
-        tensors, quant_config = fp8_quantizer(ckpt.model_config.moe_layer_indices(), fp8)(tensors)
+        from miles_lib.precision.fp8_checkpoint import fp8_quantization_config, quantize_state_dict_fp8
+        tensors = quantize_state_dict_fp8(tensors, fp8)
         hf_cfg = json.loads(files["config.json"])
-        hf_cfg["quantization_config"] = quant_config
+        hf_cfg["quantization_config"] = fp8_quantization_config(ckpt.model_config.moe_layer_indices())
         files["config.json"] = json.dumps(hf_cfg, indent=2).encode()
     files[SINGLE] = st_save(tensors, metadata={"format": "pt"})
     if max_shard_bytes is not None:

@@ -102,10 +102,6 @@ def read_config_dict(uri: str) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
-def read_config(uri: str) -> ModelConfig:
-    return ModelConfig.from_hf_dict(read_config_dict(uri), source=storage.join(uri, "config.json"))
-
-
 def _shard_files(uri: str) -> list[str]:
     index_uri = storage.join(uri, INDEX)
     if storage.exists(index_uri):
@@ -123,10 +119,12 @@ def _shard_files(uri: str) -> list[str]:
     raise CheckpointError(f"{uri}: no {SINGLE} or {INDEX} found")
 
 
-def load_hf_tensors(uri: str, cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def load_hf_tensors(uri: str, cfg: ModelConfig, dtype: torch.dtype | None = None,
+                    hf_config: dict | None = None) -> dict[str, torch.Tensor]:
     """All tensors of a HF checkpoint (HF names), validated against ``cfg``; a quantized checkpoint
-    is dequantized (to ``dtype``, default bfloat16) by its registered dequantizer."""
-    hf_config = read_config_dict(uri)
+    is dequantized (to ``dtype``, default bfloat16) by its registered dequantizer. ``hf_config``:
+    the config.json dict when the caller already read it."""
+    hf_config = read_config_dict(uri) if hf_config is None else hf_config
     qc = hf_config.get("quantization_config")
     dequantize = None
     if qc:
@@ -164,8 +162,9 @@ def load_pretrained(uri: str, dtype: torch.dtype | None = None, device=None):
     from miles_lib.model.layers import RotaryEmbedding
     from miles_lib.model.modeling import MoEForCausalLM
 
-    cfg = read_config(uri)
-    tensors = load_hf_tensors(uri, cfg, dtype)
+    hf_config = read_config_dict(uri)
+    cfg = ModelConfig.from_hf_dict(hf_config, source=storage.join(uri, "config.json"))
+    tensors = load_hf_tensors(uri, cfg, dtype, hf_config)
     state = hf_to_internal(tensors, cfg)
     with torch.device("meta"):
         model = MoEForCausalLM(cfg)
@@ -201,16 +200,10 @@ def _write_folder(uri: str, files: dict[str, bytes]) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def hf_files(model, max_shard_bytes: int | None = None, tokenizer=None, quantize=None) -> dict[str, bytes]:
-    """The files of a HF checkpoint of ``model`` as {name: bytes}.
-
-    ``quantize``: optional fn(hf tensors) -> (tensors, quantization_config dict) that writes the
-    weights quantized (``miles_lib.precision.save_fp8_pretrained`` passes the FP8 one)."""
+def hf_files(model, max_shard_bytes: int | None = None, tokenizer=None) -> dict[str, bytes]:
+    """The files of a HF checkpoint of ``model`` as {name: bytes}."""
     cfg: ModelConfig = model.config
     tensors = internal_to_hf({k: v.detach().cpu() for k, v in model.state_dict().items()}, cfg)
-    quant_config = None
-    if quantize is not None:
-        tensors, quant_config = quantize(tensors)
     files: dict[str, bytes] = {}
     if max_shard_bytes is None:
         files[SINGLE] = st_save(tensors, metadata={"format": "pt"})
@@ -231,11 +224,9 @@ def hf_files(model, max_shard_bytes: int | None = None, tokenizer=None, quantize
             weight_map.update({n: fname for n in shard})
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         files[INDEX] = json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2).encode()
-    dtype = next(t.dtype for t in tensors.values() if t.dtype.itemsize > 1)
+    dtype = next(iter(tensors.values())).dtype
     hf_cfg = cfg.to_hf_dict()
     hf_cfg["torch_dtype"] = str(dtype).replace("torch.", "")
-    if quant_config is not None:
-        hf_cfg["quantization_config"] = quant_config
     files["config.json"] = json.dumps(hf_cfg, indent=2).encode()
     gen = {k: v for k, v in (("bos_token_id", cfg.bos_token_id), ("eos_token_id", cfg.eos_token_id),
                              ("pad_token_id", cfg.pad_token_id)) if v is not None}

@@ -14,7 +14,7 @@ from miles_lib.precision.convert import (CONVERTERS, ConversionReport, apply_fp8
                                          apply_int4_rollout, convert_model)
 from miles_lib.precision.fp8 import (BLOCK, FP8_MAX, Fp8Config, dequantize_blockwise, quantize_act_1x128,
                                      quantize_act_128x1_t, quantize_blockwise, quantize_weight_128x128)
-from miles_lib.precision.fp8_checkpoint import (dequantize_hf_checkpoint, dequantize_state_dict_fp8, save_fp8_pretrained,
+from miles_lib.precision.fp8_checkpoint import (dequantize_hf_checkpoint, dequantize_state_dict_fp8,
                                                 fp8_quantization_config, quantize_state_dict_fp8,
                                                 split_fp8_state_dict)
 from miles_lib.precision.fp8_gemm import fp8_mm, fp8_mm_reference, grouped_fp8_mm, grouped_fp8_wgrad
@@ -29,5 +29,5 @@ __all__ = ["PRECISION_MODES", "PrecisionConfig", "apply_rollout_precision", "app
            "dequantize_blockwise", "dequantize_hf_checkpoint", "dequantize_state_dict_fp8", "fake_quant_int4",
            "fp8_grouped_linear", "fp8_linear", "fp8_mm", "fp8_mm_reference", "fp8_quantization_config",
            "grouped_fp8_mm", "grouped_fp8_wgrad", "pack_int4", "quantize_act_128x1_t", "quantize_act_1x128",
-           "quantize_blockwise", "quantize_state_dict_fp8", "save_fp8_pretrained", "quantize_weight_128x128", "split_fp8_state_dict",
+           "quantize_blockwise", "quantize_state_dict_fp8", "quantize_weight_128x128", "split_fp8_state_dict",
            "unpack_int4", "unpack_int4_codes"]

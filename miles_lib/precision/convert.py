@@ -46,6 +46,17 @@ def _experts(model: nn.Module) -> list[tuple[str, GroupedExperts]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, GroupedExperts)]
 
 
+def _eligible_experts(model: nn.Module, multiple: int, what: str, report: ConversionReport):
+    """The experts whose hidden and ffn dims are multiples of ``multiple``; the others are recorded
+    in ``report.skipped``."""
+    for name, ex in _experts(model):
+        E, F2, D = ex.gate_up_proj.shape
+        if D % multiple or (F2 // 2) % multiple:
+            report.skipped[name] = f"hidden {D} / expert ffn {F2 // 2} not multiples of {what}"
+            continue
+        yield name, ex
+
+
 def _claim_experts(name: str, experts: GroupedExperts, what: str) -> None:
     if experts.linear_fn is not grouped_linear:
         raise ConfigError(f"{name}: the experts already run {getattr(experts.linear_fn, '__name__', experts.linear_fn)}"
@@ -65,11 +76,7 @@ def apply_fp8(model: nn.Module, cfg: Fp8Config | None = None) -> ConversionRepor
         _set_module(model, name, Fp8Linear.from_linear(mod, cfg.pow2_scales))
         report.converted.append(name)
     if "experts" in cfg.modules:
-        for name, ex in _experts(model):
-            E, F2, D = ex.gate_up_proj.shape
-            if D % 128 or (F2 // 2) % 128:
-                report.skipped[name] = f"hidden {D} / expert ffn {F2 // 2} not multiples of 128"
-                continue
+        for name, ex in _eligible_experts(model, 128, "128", report):
             _claim_experts(name, ex, "FP8")
             ex.linear_fn = functools.partial(fp8_grouped_linear, pow2_scales=cfg.pow2_scales)
             report.converted.append(name)
@@ -79,11 +86,7 @@ def apply_fp8(model: nn.Module, cfg: Fp8Config | None = None) -> ConversionRepor
 def apply_int4_qat(model: nn.Module, cfg: Int4Config | None = None) -> ConversionReport:
     cfg = cfg or Int4Config()
     report = ConversionReport()
-    for name, ex in _experts(model):
-        E, F2, D = ex.gate_up_proj.shape
-        if D % cfg.group_size or (F2 // 2) % cfg.group_size:
-            report.skipped[name] = f"hidden {D} / expert ffn {F2 // 2} not multiples of group_size {cfg.group_size}"
-            continue
+    for name, ex in _eligible_experts(model, cfg.group_size, f"group_size {cfg.group_size}", report):
         _claim_experts(name, ex, "INT4 QAT")
         ex.linear_fn = int4_qat_linear_fn(cfg)
         report.converted.append(name)
@@ -94,11 +97,7 @@ def apply_int4_rollout(model: nn.Module, cfg: Int4Config | None = None) -> Conve
     """Replace every GroupedExperts by Int4Experts holding the packed weights (inference only)."""
     cfg = cfg or Int4Config()
     report = ConversionReport()
-    for name, ex in _experts(model):
-        E, F2, D = ex.gate_up_proj.shape
-        if D % cfg.group_size or (F2 // 2) % cfg.group_size:
-            report.skipped[name] = f"hidden {D} / expert ffn {F2 // 2} not multiples of group_size {cfg.group_size}"
-            continue
+    for name, ex in _eligible_experts(model, cfg.group_size, f"group_size {cfg.group_size}", report):
         _set_module(model, name, Int4Experts.from_experts(ex, cfg))
         report.converted.append(name)
     return report

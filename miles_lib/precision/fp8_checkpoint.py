@@ -10,8 +10,10 @@ lm_head, norms and the MoE routers (``mlp.gate``) stay in high precision. ``conf
                             "activation_scheme": "dynamic", "modules_to_not_convert": [...]}
 Dims that are not multiples of 128 get partial edge blocks (quantized over the zero-padded block).
 
-File I/O lives in ``miles_lib.model.hf_io``; it calls ``dequantize_hf_checkpoint`` after reading
-and ``fp8_quantization_config`` / ``quantize_state_dict_fp8`` when asked to save FP8.
+File I/O: ``miles_lib.model.hf_io`` calls ``dequantize_hf_checkpoint`` after reading (registered
+as the "fp8" dequantizer when this module is imported), and
+``checkpoint.convert_training_to_hf(..., fp8=...)`` writes with ``quantize_state_dict_fp8`` and
+``fp8_quantization_config``.
 Re-quantizing a dequantized FP8 weight gives back the same e4m3 codes (the block maximum maps to
 448 again; the scale may move by one fp32 ulp), so FP8 -> master weights -> FP8 keeps the stored
 values (with pow2 scales a block may come back as (2q, s/2): the same values).
@@ -127,23 +129,6 @@ def dequantize_hf_checkpoint(hf_config: dict, hf_tensors: dict[str, torch.Tensor
                               "quant_method 'fp8', fmt 'e4m3', weight_block_size [128, 128], activation_scheme "
                               "'dynamic' — dequantize the checkpoint first")
     return dequantize_state_dict_fp8(hf_tensors, dtype, source)
-
-
-def fp8_quantizer(moe_layers: list[int], cfg: Fp8Config | None = None):
-    """The ``quantize`` hook of ``hf_io.hf_files``: (FP8 tensors, quantization_config)."""
-    def quantize(hf_tensors: dict[str, torch.Tensor]):
-        return quantize_state_dict_fp8(hf_tensors, cfg), fp8_quantization_config(moe_layers)
-    return quantize
-
-
-def save_fp8_pretrained(model, uri: str, tokenizer=None, cfg: Fp8Config | None = None,
-                        max_shard_bytes: int | None = None) -> str:
-    """Write ``model`` as a HF FP8 checkpoint (block-quantized projections + ``weight_scale_inv``),
-    atomically like ``save_pretrained``. ``MoEForCausalLM.from_pretrained`` loads it back."""
-    from miles_lib.model.hf_io import _write_folder, hf_files
-    _write_folder(uri, hf_files(model, max_shard_bytes, tokenizer,
-                                quantize=fp8_quantizer(model.config.moe_layer_indices(), cfg)))
-    return uri
 
 
 def register_fp8_loader() -> None:
