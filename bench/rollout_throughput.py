@@ -2,7 +2,8 @@
 
 Both sides decode greedily exactly --new-tokens tokens for the same random prompts (no stop
 tokens), at batch 1 and batch 64. Prints ONE JSON object with generated tokens/s for each and the
-ratio engine / transformers.
+ratio engine / transformers: the best of --repeats rounds in which the engine(s) and transformers
+take turns (the CPU VM's speed drifts by +-30%; alternating keeps both sides in the same phase).
 
     python bench/rollout_throughput.py                                  # tiny config, CPU
     python bench/rollout_throughput.py --config large --device cuda --dtype bfloat16
@@ -50,41 +51,53 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_engine(model, prompts, new_tokens, device, repeats, compile_decode=False):
+def engine_runner(model, prompts, new_tokens, compile_decode=False):
+    """A no-argument function running one engine generate (after a warm-up / compile call)."""
     engine = RolloutEngine(model, max_concurrent_seqs=len(prompts), max_seq_len=prompts.shape[1] + new_tokens + 1,
                            prefill_batch=len(prompts), compile_decode=compile_decode)
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
     ids = prompts.tolist()
-    t0 = time.perf_counter()
-    engine.generate(ids, params)  # warm-up (and, compiled, the one-time compile)
-    time_engine.warmup_s = time.perf_counter() - t0
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
+
+    def run():
         out = engine.generate(ids, params)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    assert all(s.response_length == new_tokens for s in out)
-    return len(prompts) * new_tokens / best, [s.response_tokens for s in out]
+        assert all(s.response_length == new_tokens for s in out)
+        return [s.response_tokens for s in out]
+
+    t0 = time.perf_counter()
+    run()  # warm-up (and, compiled, the one-time compile)
+    run.warmup_s = time.perf_counter() - t0
+    return run
 
 
-@torch.inference_mode()
-def time_hf(hf, prompts, new_tokens, device, repeats):
+def hf_runner(hf, prompts, new_tokens, device):
     x = prompts.to(device)
     mask = torch.ones_like(x)
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
               pad_token_id=0, eos_token_id=None)
-    hf.generate(x, attention_mask=mask, **kw)  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        t0 = time.perf_counter()
+
+    @torch.inference_mode()
+    def run():
         out = hf.generate(x, attention_mask=mask, **kw)
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    assert out.shape[1] == x.shape[1] + new_tokens
-    return len(prompts) * new_tokens / best, out[:, x.shape[1]:].tolist()
+        assert out.shape[1] == x.shape[1] + new_tokens
+        return out[:, x.shape[1]:].tolist()
+
+    run()  # warm-up
+    return run
+
+
+def best_times(runners: dict, repeats: int, device: str) -> tuple[dict, dict]:
+    """Best wall time of each runner over ``repeats`` rounds; the runners take turns within a round
+    so a slow phase of a shared machine hits all of them alike. Returns (seconds, last outputs)."""
+    best = {k: float("inf") for k in runners}
+    outs = {}
+    for _ in range(repeats):
+        for k, run in runners.items():
+            sync(device)
+            t0 = time.perf_counter()
+            outs[k] = run()
+            sync(device)
+            best[k] = min(best[k], time.perf_counter() - t0)
+    return best, outs
 
 
 def main() -> None:
@@ -95,7 +108,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--batches", default="1,64")
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5, help="rounds; engine and transformers alternate, best kept")
     ap.add_argument("--compile", action="store_true",
                     help="also time the engine with compile_decode=True (compile time reported, not timed)")
     args = ap.parse_args()
@@ -107,17 +120,21 @@ def main() -> None:
     for B in [int(b) for b in args.batches.split(",")]:
         g = torch.Generator().manual_seed(B)
         prompts = torch.randint(1, cfg.vocab_size, (B, args.prompt_len), generator=g)
-        eng_tps, eng_tokens = time_engine(ours, prompts, args.new_tokens, args.device, args.repeats)
-        hf_tps, hf_tokens = time_hf(hf, prompts, args.new_tokens, args.device, args.repeats)
-        agree = sum(a == b for a, b in zip(eng_tokens, hf_tokens)) / B
-        row = {"batch": B, "engine_tokens_per_s": round(eng_tps, 1),
-               "transformers_tokens_per_s": round(hf_tps, 1), "ratio": round(eng_tps / hf_tps, 3),
-               "greedy_sequences_identical_frac": agree}
+        runners = {"engine": engine_runner(ours, prompts, args.new_tokens),
+                   "transformers": hf_runner(hf, prompts, args.new_tokens, args.device)}
         if args.compile:
-            c_tps, c_tokens = time_engine(ours, prompts, args.new_tokens, args.device, args.repeats, True)
-            row.update({"engine_compiled_tokens_per_s": round(c_tps, 1), "compiled_ratio": round(c_tps / hf_tps, 3),
-                        "compile_warmup_s": round(time_engine.warmup_s, 1),
-                        "compiled_equals_eager_frac": sum(a == b for a, b in zip(c_tokens, eng_tokens)) / B})
+            runners["compiled"] = engine_runner(ours, prompts, args.new_tokens, compile_decode=True)
+        best, outs = best_times(runners, args.repeats, args.device)
+        tps = {k: B * args.new_tokens / t for k, t in best.items()}
+        agree = sum(a == b for a, b in zip(outs["engine"], outs["transformers"])) / B
+        row = {"batch": B, "engine_tokens_per_s": round(tps["engine"], 1),
+               "transformers_tokens_per_s": round(tps["transformers"], 1),
+               "ratio": round(tps["engine"] / tps["transformers"], 3), "greedy_sequences_identical_frac": agree}
+        if args.compile:
+            row.update({"engine_compiled_tokens_per_s": round(tps["compiled"], 1),
+                        "compiled_ratio": round(tps["compiled"] / tps["transformers"], 3),
+                        "compile_warmup_s": round(runners["compiled"].warmup_s, 1),
+                        "compiled_equals_eager_frac": sum(a == b for a, b in zip(outs["compiled"], outs["engine"])) / B})
         results.append(row)
     print(json.dumps({
         "bench": "rollout_throughput", "config": args.config, "device": args.device, "dtype": args.dtype,

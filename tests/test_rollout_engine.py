@@ -190,3 +190,9 @@ def test_compiled_decode_matches_teacher_forcing_and_the_eager_engine(model, pro
     finally:
         with torch.no_grad():
             model.model.layers[0].self_attn.q_proj.weight.div_(1.5)
+    # greedy with stop tokens: another graph of the same step (all-greedy sampler, stop check)
+    greedy = [SamplingParams(temperature=0.0, max_new_tokens=8, stop_token_ids=[1, 2])] * len(prompts)
+    compiled = compiled_engine.generate(prompts, greedy)
+    eager = RolloutEngine(model).generate(prompts, greedy)
+    assert_aligned(model, compiled)
+    assert [(s.tokens, s.status) for s in compiled] == [(s.tokens, s.status) for s in eager]
