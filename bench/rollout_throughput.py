@@ -8,6 +8,7 @@ take turns (the CPU VM's speed drifts by +-30%; alternating keeps both sides in 
     python bench/rollout_throughput.py                                  # tiny config, CPU
     python bench/rollout_throughput.py --config large --device cuda --dtype bfloat16
     python bench/rollout_throughput.py --compile      # + the engine with compile_decode=True
+    python bench/rollout_throughput.py --device cuda --cuda-graphs   # + the engine with cuda_graphs=True
 """
 
 from __future__ import annotations
@@ -51,10 +52,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def engine_runner(model, prompts, new_tokens, compile_decode=False):
+def engine_runner(model, prompts, new_tokens, compile_decode=False, cuda_graphs=False):
     """A no-argument function running one engine generate (after a warm-up / compile call)."""
     engine = RolloutEngine(model, max_concurrent_seqs=len(prompts), max_seq_len=prompts.shape[1] + new_tokens + 1,
-                           prefill_batch=len(prompts), compile_decode=compile_decode)
+                           prefill_batch=len(prompts), compile_decode=compile_decode, cuda_graphs=cuda_graphs)
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
     ids = prompts.tolist()
 
@@ -111,6 +112,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="rounds; engine and transformers alternate, best kept")
     ap.add_argument("--compile", action="store_true",
                     help="also time the engine with compile_decode=True (compile time reported, not timed)")
+    ap.add_argument("--cuda-graphs", action="store_true", help="also time the engine with cuda_graphs=True (CUDA)")
     args = ap.parse_args()
     if args.device == "cpu":
         torch.set_num_threads(min(2, torch.get_num_threads()))
@@ -124,6 +126,8 @@ def main() -> None:
                    "transformers": hf_runner(hf, prompts, args.new_tokens, args.device)}
         if args.compile:
             runners["compiled"] = engine_runner(ours, prompts, args.new_tokens, compile_decode=True)
+        if args.cuda_graphs:
+            runners["cuda_graphs"] = engine_runner(ours, prompts, args.new_tokens, cuda_graphs=True)
         best, outs = best_times(runners, args.repeats, args.device)
         tps = {k: B * args.new_tokens / t for k, t in best.items()}
         agree = sum(a == b for a, b in zip(outs["engine"], outs["transformers"])) / B
@@ -135,6 +139,10 @@ def main() -> None:
                         "compiled_ratio": round(tps["compiled"] / tps["transformers"], 3),
                         "compile_warmup_s": round(runners["compiled"].warmup_s, 1),
                         "compiled_equals_eager_frac": sum(a == b for a, b in zip(outs["compiled"], outs["engine"])) / B})
+        if args.cuda_graphs:
+            row.update({"engine_cuda_graphs_tokens_per_s": round(tps["cuda_graphs"], 1),
+                        "cuda_graphs_ratio": round(tps["cuda_graphs"] / tps["transformers"], 3),
+                        "cuda_graphs_equals_eager_frac": sum(a == b for a, b in zip(outs["cuda_graphs"], outs["engine"])) / B})
         results.append(row)
     print(json.dumps({
         "bench": "rollout_throughput", "config": args.config, "device": args.device, "dtype": args.dtype,

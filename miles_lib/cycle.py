@@ -21,6 +21,7 @@ import torch
 
 from miles_lib.checkpoint import load_training_checkpoint, save_training_checkpoint
 from miles_lib.data.dataset import PromptBatcher, PromptDataset
+from miles_lib.errors import ConfigError
 from miles_lib.loop import GRPOState, rng_state, run_steps, set_rng_state
 from miles_lib.model import MoEForCausalLM
 from miles_lib.model.tokenizer import Tokenizer
@@ -107,8 +108,11 @@ def load_state(checkpoint_uri: str, cfg: GRPOConfig | None = None) -> GRPOState:
         ref_model = load_policy(cfg.reference_checkpoint).to(device=device, dtype=DTYPES[cfg.train.dtype]).eval()
         ref_model.requires_grad_(False)
     actor = Actor(model, cfg.train, cfg.algorithm, ref_model=ref_model)
+    if cfg.rollout.cuda_graphs and (world > 1 or torch.device(device).type != "cuda"):
+        raise ConfigError(f"rollout.cuda_graphs needs a single-process CUDA job (device {device}, {world} "
+                          f"processes); set it to false")
     engine = RolloutEngine(engine_model, max_concurrent_seqs=cfg.rollout.max_concurrent_seqs,
-                           compile_decode=cfg.rollout.compile_decode)
+                           compile_decode=cfg.rollout.compile_decode, cuda_graphs=cfg.rollout.cuda_graphs)
     state = GRPOState(cfg=cfg, model=model, tokenizer=tokenizer, actor=actor, engine=engine,
                       batcher=batcher)
     if "actor" in extra:  # resuming a cycle output: restore the whole job state

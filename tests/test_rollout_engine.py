@@ -196,3 +196,37 @@ def test_compiled_decode_matches_teacher_forcing_and_the_eager_engine(model, pro
     eager = RolloutEngine(model).generate(prompts, greedy)
     assert_aligned(model, compiled)
     assert [(s.tokens, s.status) for s in compiled] == [(s.tokens, s.status) for s in eager]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU rejection")
+def test_cuda_graphs_need_a_cuda_model_and_job(model, tmp_path):
+    from miles_lib.checkpoint import convert_hf_to_training
+    from miles_lib.cycle import load_state
+    from miles_lib.errors import ConfigError
+    from miles_lib.pipeline_config import GRPOConfig
+    with pytest.raises(ValueError, match="cuda_graphs=True needs a model on a CUDA device"):
+        RolloutEngine(model, cuda_graphs=True)
+    ckpt = convert_hf_to_training("examples/tiny-moe", str(tmp_path / "ckpt"))
+    cfg = GRPOConfig.from_yaml("examples/configs/tiny_grpo.yaml").override(rollout={"cuda_graphs": True})
+    with pytest.raises(ConfigError, match="rollout.cuda_graphs needs a single-process CUDA job"):
+        load_state(ckpt, cfg)
+
+
+def test_padded_decode_steps_match_the_unpadded_engine(model, prompts):
+    """What a CUDA graph replays (decode_step.CudaGraphDecodeStep), checked on the CPU: every step
+    padded to power-of-two batch / window buckets, the padded rows running on free slots."""
+    from miles_lib.rollout.decode_step import decode_step, pad_step
+
+    def padded_step(model_, cache, st, B, window, sampling, check_stops):
+        Bb, Wb, padded = pad_step(st, B, window, sampling)
+        assert Bb >= B and Wb >= window
+        return decode_step(model_, cache, st, Bb, Wb, padded, check_stops)[:B]
+
+    params = [SamplingParams(temperature=1.0, top_p=0.9, max_new_tokens=10, stop_token_ids=[1], seed=i)
+              for i in range(len(prompts))]
+    engine = RolloutEngine(model, max_concurrent_seqs=5)  # B runs 5 -> 1 with buckets 4, 2, 1 and slot reuse
+    engine._decode_step = padded_step
+    padded = engine.generate(prompts, params)
+    ref = RolloutEngine(model, max_concurrent_seqs=5).generate(prompts, params)
+    assert_aligned(model, padded)
+    assert [(s.tokens, s.status) for s in padded] == [(s.tokens, s.status) for s in ref]

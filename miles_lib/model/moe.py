@@ -47,11 +47,25 @@ def grouped_linear(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor
 def _grouped_linear_eager(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
     if _grouped_mm_ok(x_MI):
         return torch._grouped_mm(x_MI, w_EOI.transpose(-2, -1), offs=offs_E)
+    if x_MI.is_cuda and torch.cuda.is_current_stream_capturing():
+        return _grouped_linear_masked(x_MI, w_EOI, offs_E)
     outs, start = [], 0
     for e, end in enumerate(offs_E.tolist()):
         outs.append(x_MI[start:end] @ w_EOI[e].transpose(0, 1))
         start = end
     return torch.cat(outs, 0)
+
+
+def _grouped_linear_masked(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    """The loop's result without reading ``offs_E`` on the host (a CUDA graph is being captured):
+    every expert's GEMM over all rows, each row keeping its own expert's (E x the FLOPs; used only
+    where ``torch._grouped_mm`` has no kernel, i.e. fp32 on CUDA)."""
+    rows = torch.arange(x_MI.shape[0], device=x_MI.device, dtype=offs_E.dtype)
+    expert_M = torch.searchsorted(offs_E, rows, right=True)
+    y = x_MI.new_zeros(x_MI.shape[0], w_EOI.shape[1])
+    for e in range(w_EOI.shape[0]):
+        y = torch.where((expert_M == e)[:, None], x_MI @ w_EOI[e].transpose(0, 1), y)
+    return y
 
 
 @torch.library.custom_op("miles::grouped_linear", mutates_args=())

@@ -49,3 +49,86 @@ def decode_step(model: torch.nn.Module, cache: SlotKVCache, st: SlotState, B: in
 def compiled_decode_step():
     """``decode_step`` through torch.compile (dynamic sizes; compiled on first use, ~10-40 s on CPU)."""
     return torch.compile(decode_step, dynamic=True)
+
+
+def _bucket(n: int, cap: int, minimum: int) -> int:
+    """Smallest power of two >= max(n, minimum), capped at ``cap``."""
+    b = minimum
+    while b < n:
+        b *= 2
+    return min(b, cap)
+
+
+def pad_step(st: SlotState, B: int, window: int, sampling: BatchSampling) -> tuple[int, int, BatchSampling]:
+    """(Bb, Wb, sampling over Bb rows) of the bucketed step that covers B rows and ``window`` keys;
+    zeroes ``cache_len`` of the padded rows (free slots) so they stay inside their own slots."""
+    Bb = _bucket(B, st.num_slots, 1)
+    Wb = _bucket(window, st.max_len, 16)
+    if Bb > B:
+        st.cache_len[B:Bb].zero_()
+    padded = BatchSampling(st.temperature[:Bb], st.top_k[:Bb], st.top_p[:Bb], sampling.all_greedy,
+                           sampling.any_filter)
+    return Bb, Wb, padded
+
+
+class CudaGraphDecodeStep:
+    """``step_fn`` (``decode_step``, eager or compiled) replayed from CUDA graphs: one graph launch
+    per step instead of hundreds of kernel launches (the step is host-bound at small batch).
+
+    A graph has fixed shapes, so the batch is padded to a power-of-two bucket Bb >= B and the window
+    to a power-of-two Wb >= window (both capped by the buffers); one graph per (Bb, Wb, sampler flags).
+    The padded rows are free slots: their ``cache_len`` is set to 0 before the replay (so every index
+    they compute stays inside their own slot), their results are ignored, and prefill overwrites
+    whatever they wrote before the slot is used. Attending over Wb >= window keys is exact: keys past a row's
+    position are masked.
+
+    Capturing runs the step once for warm-up (CUDA graphs need the allocator warmed up on a side
+    stream); ``cache_len`` and ``last`` are restored afterwards, so the replay that follows is the
+    step's only effect (the warm-up's K/V, token and routing writes are rewritten identically).
+    Graphs hold the weights' addresses: in-place updates are seen, but anything cached in Python at
+    capture time (e.g. FP8-quantized weights) is not, so the engine drops the graphs on every weight
+    version change and whenever it re-allocates its buffers (``reset``); they are re-captured on
+    first use.
+    """
+
+    def __init__(self, step_fn=decode_step) -> None:
+        self.step_fn = step_fn
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.pool = None
+        self.weight_version: int | None = None
+
+    def reset(self) -> None:
+        self.graphs.clear()
+        self.pool = None
+
+    def on_weights(self, version: int) -> None:
+        """Drop the graphs if they were captured under another weight version."""
+        if version != self.weight_version:
+            self.reset()
+            self.weight_version = version
+
+    def __call__(self, model, cache: SlotKVCache, st: SlotState, B: int, window: int, sampling: BatchSampling,
+                 check_stops: bool) -> torch.Tensor:
+        Bb, Wb, padded = pad_step(st, B, window, sampling)
+        key = (Bb, Wb, sampling.all_greedy, sampling.any_filter, check_stops)
+        if key not in self.graphs:
+            self.graphs[key] = self._capture(model, cache, st, Bb, Wb, padded, check_stops)
+        graph, done_Bb = self.graphs[key]
+        graph.replay()
+        return done_Bb[:B]
+
+    def _capture(self, model, cache, st, Bb, Wb, padded, check_stops):
+        saved = st.cache_len[:Bb].clone(), st.last[:Bb].clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.step_fn(model, cache, st, Bb, Wb, padded, check_stops)  # warm-up
+        torch.cuda.current_stream().wait_stream(side)
+        st.cache_len[:Bb].copy_(saved[0])
+        st.last[:Bb].copy_(saved[1])
+        graph = torch.cuda.CUDAGraph()
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self.pool):
+            done_Bb = self.step_fn(model, cache, st, Bb, Wb, padded, check_stops)
+        return graph, done_Bb

@@ -43,7 +43,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from miles_lib.errors import ConfigError
-from miles_lib.rollout.decode_step import compiled_decode_step, decode_step
+from miles_lib.rollout.decode_step import CudaGraphDecodeStep, compiled_decode_step, decode_step
 from miles_lib.rollout.kv_cache import SlotKVCache
 from miles_lib.rollout.sampling import SamplingParams, request_uniforms, sample_next
 from miles_lib.rollout.slots import SlotState, routes_dtype
@@ -77,7 +77,7 @@ class _Request:
 class RolloutEngine:
     def __init__(self, model: torch.nn.Module, max_concurrent_seqs: int = 256, max_seq_len: int | None = None,
                  max_cache_bytes: int | None = None, prefill_batch: int = 64, max_prefill_tokens: int = 16384,
-                 seed: int = 0, compile_decode: bool = False) -> None:
+                 seed: int = 0, compile_decode: bool = False, cuda_graphs: bool = False) -> None:
         cfg = model.config
         for name, v in (("max_concurrent_seqs", max_concurrent_seqs), ("prefill_batch", prefill_batch),
                         ("max_prefill_tokens", max_prefill_tokens)):
@@ -109,6 +109,13 @@ class RolloutEngine:
         # the whole decode step (model, sampler, bookkeeping) as one compiled graph (decode_step.py);
         # prefill stays eager. A one-time compile (~10-40 s on CPU) for faster CPU decode steps.
         self._decode_step = compiled_decode_step() if compile_decode else decode_step
+        # CUDA: replay decode steps from CUDA graphs (padded batch / window buckets; decode_step.py)
+        self._graphs: CudaGraphDecodeStep | None = None
+        if cuda_graphs:
+            if self.device.type != "cuda":
+                raise ValueError(f"RolloutEngine: cuda_graphs=True needs a model on a CUDA device, not {self.device}")
+            self._graphs = CudaGraphDecodeStep(self._decode_step)
+            self._decode_step = self._graphs
         self._cache: SlotKVCache | None = None
         self._state: SlotState | None = None
 
@@ -173,6 +180,8 @@ class RolloutEngine:
             if self._busy:
                 raise RuntimeError("release_memory: a generate call is running")
             self._cache = self._state = None
+            if self._graphs is not None:
+                self._graphs.reset()
 
     # ---- requests ----------------------------------------------------------------------------
     def generate(self, prompt_token_ids: list[list[int]], params: SamplingParams | list[SamplingParams],
@@ -310,6 +319,8 @@ class RolloutEngine:
                     waiting.extendleft(reversed(running))
                     running = []
                     self._kv_version = self.weight_version
+                if self._graphs is not None:
+                    self._graphs.on_weights(self._kv_version)
                 if waiting and len(running) < self._state.num_slots:
                     lo, done = self._prefill(waiting, running)
                 else:
@@ -335,6 +346,8 @@ class RolloutEngine:
             S, L, M = max(S, self._state.num_slots), max(L, self._state.max_len), max(M, self._state.stops.shape[1])
         c = self.config
         self._cache = self._state = None  # free the old buffers before allocating the new ones
+        if self._graphs is not None:
+            self._graphs.reset()
         self._cache = SlotKVCache(c.num_hidden_layers, S, L, c.num_key_value_heads, c.head_dim, self.dtype, self.device,
                                   n_q_heads=c.num_attention_heads)
         self._state = SlotState.allocate(S, L, self.num_moe_layers, self.top_k, c.num_experts, M, self.device)
