@@ -170,6 +170,87 @@ def test_gpu_quantization_is_bitwise_equal_to_cpu(pow2):
         assert torch.equal(part_c[1], part_g[1].cpu())
 
 
+def test_dual_quantization_setting_falls_back_to_the_reference_on_cpu(monkeypatch):
+    monkeypatch.setattr(fp8, "_DUAL_IMPL", "fused")
+    x = torch.randn(200, 256, generator=torch.Generator().manual_seed(7))
+    (q, s), (qt, st) = fp8.quantize_act_dual(x)
+    for (a, sa), (b, sb) in (((q, s), fp8.quantize_act_1x128(x)), ((qt, st), fp8.quantize_act_128x1_t(x))):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)) and torch.equal(sa, sb)
+    with pytest.raises(ValueError, match="multiples of 128"):
+        fp8.quantize_act_dual(torch.randn(4, 100))
+
+
+def same_values(a, b):
+    """(q, s) pairs with the same q bytes and scale values (torch.equal also compares shapes)."""
+    return torch.equal(a[0].view(torch.uint8), b[0].view(torch.uint8)) and torch.equal(a[1], b[1])
+
+
+def same_bits(a, b):
+    """same_values and the same scale strides (the GPU kernels' scales are outer-dim-major, the
+    CPU reference's row-major)."""
+    return same_values(a, b) and a[1].stride() == b[1].stride()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pow2", [False, True])
+def test_gpu_fused_dual_and_fast_division_are_bitwise_equal_to_two_kernels_and_cpu(pow2, monkeypatch):
+    from miles_lib.precision import triton_fp8
+    g = torch.Generator().manual_seed(8)
+    for M, K, dtype in ((512, 1024, torch.bfloat16), (520, 384, torch.bfloat16), (200, 256, torch.float32)):
+        x = (torch.randn(M, K, generator=g) * torch.logspace(-30, 30, K)).to(dtype)
+        x[3, :128] = 0  # an all-zero block (s = 1)
+        x[5, 7] = -0.0
+        x[9] *= 1e-38  # subnormal scales
+        cpu = (fp8.quantize_blockwise(x, 1, 128, pow2), fp8.quantize_blockwise(fp8.pad_rows(x, 128).t(), 1, 128, pow2))
+        xc = x.cuda()
+        two = (triton_fp8.quantize_1x128(xc, pow2, fast_div=False),
+               triton_fp8.quantize_128x1_t(xc, pow2, fast_div=False))
+        for got, ref in zip(two, cpu):
+            assert same_values(tuple(t.cpu() for t in got), ref), (M, K, dtype)
+        for fast_div in (False, True):
+            outs = {"1x128": (triton_fp8.quantize_1x128(xc, pow2, block_m=64, num_warps=8, fast_div=fast_div), two[1]),
+                    "128x1_t": (two[0], triton_fp8.quantize_128x1_t(xc, pow2, block_k=128, num_warps=8,
+                                                                     fast_div=fast_div))}
+            for rows, warps in ((128, 8), (128, 16), (32, 4), (64, 8)):
+                outs[f"dual {rows} rows"] = triton_fp8.quantize_dual(xc, pow2, rows_per_chunk=rows, num_warps=warps,
+                                                                    fast_div=fast_div)
+            for name, out in outs.items():
+                assert same_bits(out[0], two[0]) and same_bits(out[1], two[1]), (M, K, dtype, fast_div, name)
+        monkeypatch.setattr(fp8, "_DUAL_IMPL", "fused")
+        for got, ref in zip(fp8.quantize_act_dual(xc, pow2), two):
+            assert same_bits(got, ref)
+        monkeypatch.setattr(fp8, "_DUAL_IMPL", "two_kernels")
+
+
+def every_bf16_block() -> torch.Tensor:
+    """[R, 128] bf16 rows [amax, 127 values with |v| <= amax] over every bf16 amax mantissa (at
+    2^0, 2^-100, 2^100, and every subnormal amax) and every finite bf16 value under it: all the
+    (scale, value) pairs a bf16 block can hold, up to the exponent shift the division removes."""
+    values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    values = values[torch.isfinite(values)]
+    mantissas = 1 + torch.arange(128, dtype=torch.float32) / 128
+    amaxes = torch.cat([mantissas * 2.0 ** e for e in (0, -100, 100)] + [torch.arange(1, 128) * 2.0 ** -133])
+    rows = []
+    for amax in amaxes.tolist():
+        v = values[values.abs() <= amax]
+        v = torch.cat([v, v.new_zeros(-v.numel() % 127)]).view(-1, 127)
+        rows.append(torch.cat([v.new_full((v.shape[0], 1), amax), v], 1))
+    return torch.cat(rows).bfloat16()
+
+
+@pytest.mark.gpu
+def test_gpu_fast_division_is_exact_for_every_bf16_block():
+    from miles_lib.precision import triton_fp8
+    x = every_bf16_block()
+    assert same_values(tuple(t.cpu() for t in triton_fp8.quantize_1x128(x.cuda(), False, fast_div=True)),
+                       fp8.quantize_blockwise(x, 1, 128))
+    xt = fp8.pad_rows(x, 128).t().contiguous().cuda()  # the same blocks as 128x1 columns
+    assert same_bits(triton_fp8.quantize_128x1_t(xt, False, fast_div=True),
+                     triton_fp8.quantize_128x1_t(xt, False, fast_div=False))
+    fast, rn = triton_fp8.quantize_dual(xt, False, fast_div=True), triton_fp8.quantize_dual(xt, False, fast_div=False)
+    assert same_bits(fast[0], rn[0]) and same_bits(fast[1], rn[1])
+
+
 @pytest.mark.gpu
 def test_gpu_cublas_gemms_match_reference():
     assert fp8_gemm.cublas_blockwise("cuda", rowwise_b=False) is not None, "cuBLAS 1x128 x 128x128 unavailable"

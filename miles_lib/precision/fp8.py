@@ -38,6 +38,8 @@ FP8_MAX = 448.0
 BLOCK = 128
 
 _USE_TRITON = True  # tests flip this to compare the Triton kernels with the torch ops on GPU
+_DUAL_IMPL = "auto"  # "auto" | "two_kernels" | "fused": how quantize_act_dual runs on CUDA (see there)
+_FUSED_DUAL_MAX_NUMEL = 2 ** 26  # "auto": the fused kernel up to this size, the two kernels above
 
 
 def round_up_pow2(s: torch.Tensor) -> torch.Tensor:
@@ -132,8 +134,16 @@ def quantize_act_128x1_t(x: torch.Tensor, pow2_scales: bool = False) -> tuple[to
 
 def quantize_act_dual(x: torch.Tensor, pow2_scales: bool = False):
     """(quantize_act_1x128(x), quantize_act_128x1_t(x)): both operands of x's GEMMs in a training
-    step (fprop and wgrad for an input, dgrad and wgrad for an output grad). Two kernels: a fused
-    single-read kernel measured 1.8x slower on the H200 than the two (its transposed store stalls)."""
+    step (fprop and wgrad for an input, dgrad and wgrad for an output grad). On CUDA, ``_DUAL_IMPL``
+    picks the two Triton kernels or ``triton_fp8.quantize_dual``, one kernel that reads x once
+    (same bits either way). "auto" follows the H200 timings of bench/fp8_probe.py: the fused kernel
+    wins up to 2^26 elements (16384x4096: 0.12 vs 0.19 ms, 32768x2048: 0.12 vs 0.18 ms), the two
+    kernels above (32768x4096: 0.22 vs 0.24 ms, 32768x7168: 0.38 vs 0.41 ms)."""
+    fused = _DUAL_IMPL == "fused" or (_DUAL_IMPL == "auto" and x.numel() <= _FUSED_DUAL_MAX_NUMEL)
+    if fused and _triton_ok(x) and x.dim() == 2:
+        _check_divisible(x.shape, 1, BLOCK, "1x128")
+        from miles_lib.precision import triton_fp8
+        return triton_fp8.quantize_dual(x, pow2_scales)
     return quantize_act_1x128(x, pow2_scales), quantize_act_128x1_t(x, pow2_scales)
 
 

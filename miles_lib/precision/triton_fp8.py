@@ -4,10 +4,32 @@ Imported only when a CUDA tensor meets a Triton-capable GPU (``fp8.triton_availa
 
 Design note.
   * Quantization kernels compute exactly the arithmetic of ``fp8.quantize_blockwise`` (exact max,
-    s = amax * fp32(1/448), IEEE division ``div_rn``, round-to-nearest-even e4m3 cast), so their
-    output equals the torch ops bit for bit; they read the input once instead of ~8 unfused passes.
-    1x128 scales are written outer-dim-major ([K/128, M] in memory, returned as its transpose),
-    the layout cuBLAS reads without a copy. The 128x1 kernel writes its tile transposed.
+    s = amax * fp32(1/448), IEEE division x / s, round-to-nearest-even e4m3 cast), so their output
+    equals the torch ops bit for bit for finite x; they read the input once instead of ~8 unfused
+    passes. 1x128 scales are written outer-dim-major ([K/128, M] in memory, returned as its
+    transpose), the layout cuBLAS reads without a copy. The 128x1 kernel writes its tile
+    transposed. ``quantize_dual`` does both from one read of each 128x128 tile (1x128 needs all
+    128 columns of a row, 128x1 all 128 rows of a column, so the tile is the unit).
+  * Cost per element: these kernels are bound by instruction issue as much as by bandwidth
+    (~25 SASS instructions per element with ``div.rn``, 2 bytes read + 1 written). Three things
+    keep the count down:
+      - division (``FAST_DIV``): ``div.rn.f32`` is, per element, MUFU.RCP(s) and two FMAs
+        refining it to y, then q = x y, r = s q - x, RN(q - y r), guarded by a range check with a
+        slow-path branch. The reciprocal part depends on s only, so ``_divisor`` does it once per
+        scale, and ``_fma_divide`` does per element one multiply x' = x p and the last three
+        operations on x' and d = s p, where p = 2^-e for s = 1.f 2^e: d is in [1, 2) and
+        x' / d = x / s exactly. Why the bits equal div.rn's: for d in [1, 2) and any x' whose
+        quotient e4m3 can resolve (|x' / d| >= 2^-12), every operand and intermediate is a normal
+        number far inside the range where div.rn itself takes this fast path (so it computes the
+        same operations on the same values); a smaller quotient rounds to +-0 in e4m3 either way
+        (the sign of x, -0 included, survives: r is d q + (-x')). A subnormal s (amax < 5e-36)
+        gives d in [2^-22, 1), still far inside that range. The GPU tests and bench/fp8_probe.py
+        check every bf16 value against every bf16 amax mantissa, and random fp32. Non-finite
+        input: a block with amax = inf comes out NaN (div.rn: 0 or NaN).
+      - no clamp to +-448: |x / s| <= 448 (1 + 2^-23) and the e4m3 cast saturates anyway.
+      - the transposed store: rows are loaded permuted so that each thread holds consecutive rows
+        (``_load_rows``), and the register shuffle before the transposed store moves 8-byte
+        words, not single bytes.
   * Grouped GEMM (fprop / dgrad): rows of A are sorted by expert, ``offs`` the cumulative counts.
     Each expert's rows are cut into BM-row tiles; program (t, n) finds its expert by a prefix sum
     over the per-expert tile counts (computed in the kernel: no host sync, no per-expert launch),
@@ -32,6 +54,13 @@ from miles_lib.precision.fp8 import BLOCK, FP8
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# ---------------------------------------------------------------------------------------------
+# quantization
+# ---------------------------------------------------------------------------------------------
+FAST_DIV = True  # divide through _fma_divide: bit-equal to div.rn on the H200 (bench/fp8_probe.py: every
+# finite bf16 value x every bf16 amax mantissa, 134M random fp32 values) and 1.5x faster for 128x1_t
+
+
 @triton.jit
 def _scale(amax, POW2: tl.constexpr):
     s = tl.where(amax > 0, amax * (1.0 / 448.0), 1.0)
@@ -42,33 +71,163 @@ def _scale(amax, POW2: tl.constexpr):
 
 
 @triton.jit
-def _quant_1x128_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, POW2: tl.constexpr, BM: tl.constexpr):
+def _rcp_approx(d):
+    """MUFU.RCP, the hardware reciprocal estimate that div.rn.f32 starts from."""
+    return tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [d], dtype=tl.float32, is_pure=True,
+                                     pack=1)
+
+
+@triton.jit
+def _divisor(s, FAST_DIV: tl.constexpr):
+    """What dividing by the scales s [R] needs, computed once per scale. With FAST_DIV: (d, y, p)
+    with p = 2^-e for s = 1.f 2^e (from the exponent bits; 2^127 for a subnormal s), d = s p in
+    [1, 2), and y = y0 + y0 (1 - d y0), y0 = rcp.approx(d): the refined reciprocal of div.rn.f32's
+    fast path. Without: placeholders."""
+    if FAST_DIV:
+        p = (0x7F000000 - (s.to(tl.int32, bitcast=True) & 0x7F800000)).to(tl.float32, bitcast=True)
+        d = s * p
+        y0 = _rcp_approx(d)
+        y = tl.fma(y0, tl.fma(-d, y0, 1.0), y0)
+    else:
+        d, y, p = s, s, s
+    return d, y, p
+
+
+@triton.jit
+def _fma_divide(x, d, y, p, AXIS: tl.constexpr):
+    """x / s (s = d / p per row (AXIS=1) or column (AXIS=0)) rounded to nearest, bit for bit
+    tl.math.div_rn: div.rn.f32's fast path on x' = x p and d, its reciprocal step done per scale:
+        q = x' y,  r = d q - x' (exact),  x / s = x' / d = RN(q - y r)
+    4 FP instructions per element instead of ~10 and a branch (why it is exact: the module note)."""
+    d_b = tl.broadcast_to(tl.expand_dims(d, AXIS), x.shape)
+    y_b = tl.broadcast_to(tl.expand_dims(y, AXIS), x.shape)
+    x = x * tl.broadcast_to(tl.expand_dims(p, AXIS), x.shape)
+    q = x * y_b
+    r = tl.fma(d_b, q, x * -1.0)  # x * -1 (not -x, which is 0 - x): a free operand negation
+    return tl.fma(-y_b, r, q)
+
+
+@triton.jit
+def _divide(x, s, divisor, AXIS: tl.constexpr, FAST_DIV: tl.constexpr):
+    """x [R, C] fp32 / s [R] broadcast along AXIS, IEEE round-to-nearest; divisor = _divisor(s)."""
+    if FAST_DIV:
+        d, y, p = divisor
+        q = _fma_divide(x, d, y, p, AXIS)
+    else:
+        q = tl.math.div_rn(x, tl.broadcast_to(tl.expand_dims(s, AXIS), x.shape))
+    return q
+
+
+@triton.jit
+def _quantize(x, AXIS: tl.constexpr, POW2: tl.constexpr, FAST_DIV: tl.constexpr):
+    """x [R, C] -> (x / s in fp32, s): one scale per row (AXIS=1) or per column (AXIS=0).
+
+    No clamp to +-448: |x / s| <= 448 (1 + 2^-23) for finite x, and the e4m3 cast (cvt.rn.satfinite)
+    rounds every such value as clamp-then-cast does."""
+    s = _scale(tl.max(tl.abs(x), axis=AXIS), POW2)
+    return _divide(x.to(tl.float32), s, _divisor(s, FAST_DIV), AXIS, FAST_DIV), s
+
+
+@triton.jit
+def _load_rows(x_ptr, row0, rk, M, K, stride_xm, ROWS: tl.constexpr, G: tl.constexpr, EVICT: tl.constexpr):
+    """x[row0 : row0 + ROWS, rk] as a [ROWS, C] tensor in x's dtype, zeros past M (and K).
+
+    The rows are loaded in the order i -> i // G + (ROWS / G) (i % G) and put back in order by a
+    reshape / permute that moves no data: with G = the rows one register repetition of the load
+    layout covers, each thread then holds ROWS / G consecutive rows, so the transposed store packs
+    them into 8-byte shared-memory stores instead of one store per byte (a speed hint only: any G
+    dividing ROWS gives the same tensor)."""
+    REPS: tl.constexpr = ROWS // G
+    i = tl.arange(0, ROWS)
+    rows = row0 + i // G + REPS * (i % G)
+    x = tl.load(x_ptr + rows[:, None].to(tl.int64) * stride_xm + rk[None, :],
+                mask=(rows[:, None] < M) & (rk[None, :] < K), other=0.0, eviction_policy=EVICT)
+    return tl.reshape(tl.permute(tl.reshape(x, (REPS, G, rk.shape[0])), (1, 0, 2)), (ROWS, rk.shape[0]))
+
+
+@triton.jit
+def _store_1x128(q_ptr, s_ptr, q, s, rm, kb, M, K):
+    """Rows rm of the 128 columns of K block kb: q into the [M, K] output, s into the [K/128, M]
+    scales (outer-dim-major)."""
+    rk = kb * 128 + tl.arange(0, 128)
+    mmask = rm < M
+    tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=mmask[:, None])
+    tl.store(s_ptr + kb * M + rm, s, mask=mmask)
+
+
+@triton.jit
+def _store_128x1_t(qt_ptr, q, rm, rk, K, Mp):
+    """q [R, C] (rows rm, columns rk of x) into the transposed [K, Mp] output at [rk, rm] (rows past
+    M hold the zero padding); cast to e4m3 before the transpose, so the shuffle moves bytes."""
+    tl.store(qt_ptr + rk[:, None].to(tl.int64) * Mp + rm[None, :], tl.trans(q.to(qt_ptr.dtype.element_ty)),
+             mask=rk[:, None] < K)
+
+
+@triton.jit
+def _quant_1x128_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, POW2: tl.constexpr, FAST_DIV: tl.constexpr,
+                        BM: tl.constexpr):
+    """Program (m, kb): rows [m BM, (m + 1) BM) x the 128 columns of K block kb."""
     pid_m = tl.program_id(0)
     kb = tl.program_id(1)
     rm = pid_m * BM + tl.arange(0, BM)
     rk = kb * 128 + tl.arange(0, 128)
-    mask = rm[:, None] < M
-    x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :], mask=mask, other=0.0).to(tl.float32)
-    s = _scale(tl.max(tl.abs(x), axis=1), POW2)
-    q = tl.clamp(tl.math.div_rn(x, tl.broadcast_to(s[:, None], (BM, 128))), -448.0, 448.0)
-    tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + kb * M + rm, s, mask=rm < M)
+    x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :], mask=rm[:, None] < M, other=0.0)
+    q, s = _quantize(x, 1, POW2, FAST_DIV)
+    _store_1x128(q_ptr, s_ptr, q, s, rm, kb, M, K)
 
 
 @triton.jit
-def _quant_128x1_t_kernel(x_ptr, q_ptr, s_ptr, M, K, Mp, stride_xm, POW2: tl.constexpr, BK: tl.constexpr):
+def _quant_128x1_t_kernel(x_ptr, q_ptr, s_ptr, M, K, Mp, stride_xm, POW2: tl.constexpr, FAST_DIV: tl.constexpr,
+                          BK: tl.constexpr, G: tl.constexpr):
+    """Program (mb, k): the 128 rows of M block mb x columns [k BK, (k + 1) BK)."""
     mb = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = mb * 128 + tl.arange(0, 128)
     rk = pid_k * BK + tl.arange(0, BK)
-    kmask = rk < K
-    x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :],
-                mask=(rm[:, None] < M) & kmask[None, :], other=0.0).to(tl.float32)
-    s = _scale(tl.max(tl.abs(x), axis=0), POW2)
-    q = tl.clamp(tl.math.div_rn(x, tl.broadcast_to(s[None, :], (128, BK))), -448.0, 448.0)
-    tl.store(q_ptr + rk[:, None].to(tl.int64) * Mp + rm[None, :], tl.trans(q).to(q_ptr.dtype.element_ty),
-             mask=kmask[:, None])
-    tl.store(s_ptr + mb * K + rk, s, mask=kmask)
+    x = _load_rows(x_ptr, mb * 128, rk, M, K, stride_xm, 128, G, "")
+    q, s = _quantize(x, 0, POW2, FAST_DIV)
+    _store_128x1_t(q_ptr, q, rm, rk, K, Mp)
+    tl.store(s_ptr + mb * K + rk, s, mask=rk < K)
+
+
+@triton.jit
+def _quant_dual_tile_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, stride_xm, POW2: tl.constexpr,
+                            FAST_DIV: tl.constexpr, G: tl.constexpr):
+    """Program (kb, mb): one 128x128 tile of x, loaded once and held in registers -> both
+    quantizations."""
+    kb = tl.program_id(0)
+    mb = tl.program_id(1)
+    rm = mb * 128 + tl.arange(0, 128)
+    rk = kb * 128 + tl.arange(0, 128)
+    x = _load_rows(x_ptr, mb * 128, rk, M, K, stride_xm, 128, G, "")
+    q, s = _quantize(x, 1, POW2, FAST_DIV)
+    _store_1x128(q_ptr, s_ptr, q, s, rm, kb, M, K)
+    qt, st = _quantize(x, 0, POW2, FAST_DIV)
+    _store_128x1_t(qt_ptr, qt, rm, rk, K, Mp)
+    tl.store(st_ptr + mb * K + rk, st)
+
+
+@triton.jit
+def _quant_dual_chunked_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, stride_xm, POW2: tl.constexpr,
+                               FAST_DIV: tl.constexpr, G: tl.constexpr, RB: tl.constexpr):
+    """Program (kb, mb): one 128x128 tile of x in RB-row chunks, two passes: (1) the column amax;
+    (2) per chunk, re-read from cache, both quantizations. Registers hold one chunk, not the tile."""
+    kb = tl.program_id(0)
+    mb = tl.program_id(1)
+    rk = kb * 128 + tl.arange(0, 128)
+    col_amax = tl.zeros((RB, 128), tl.float32)
+    for c in tl.range(0, 128 // RB):
+        x = _load_rows(x_ptr, mb * 128 + c * RB, rk, M, K, stride_xm, RB, G, "evict_last")
+        col_amax = tl.maximum(col_amax, tl.abs(x.to(tl.float32)))
+    st = _scale(tl.max(col_amax, axis=0), POW2)
+    divisor_t = _divisor(st, FAST_DIV)
+    tl.store(st_ptr + mb * K + rk, st)
+    for c in tl.range(0, 128 // RB):
+        rm = mb * 128 + c * RB + tl.arange(0, RB)
+        x = _load_rows(x_ptr, mb * 128 + c * RB, rk, M, K, stride_xm, RB, G, "evict_first")
+        q, s = _quantize(x, 1, POW2, FAST_DIV)
+        _store_1x128(q_ptr, s_ptr, q, s, rm, kb, M, K)
+        _store_128x1_t(qt_ptr, _divide(x.to(tl.float32), st, divisor_t, 0, FAST_DIV), rm, rk, K, Mp)
 
 
 @triton.jit
@@ -87,28 +246,82 @@ def _quant_128x128_kernel(w_ptr, q_ptr, s_ptr, N, K, POW2: tl.constexpr):
     tl.store(s_ptr + pid * (K // 128) + kb, s)
 
 
-def quantize_1x128(x: torch.Tensor, pow2_scales: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    M, K = x.shape
-    q = torch.empty(M, K, dtype=FP8, device=x.device)
-    s_t = torch.empty(K // BLOCK, M, dtype=torch.float32, device=x.device)
-    BM = 32
-    _quant_1x128_kernel[(triton.cdiv(M, BM), K // BLOCK)](x, q, s_t, M, K, x.stride(0), POW2=pow2_scales, BM=BM)
-    return q, s_t.t()
+def _row_major_input(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def quantize_128x1_t(x: torch.Tensor, pow2_scales: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    M, K = x.shape
+def _fast_div(fast_div: bool | None) -> bool:
+    return FAST_DIV if fast_div is None else fast_div
+
+
+def _rows_per_rep(x: torch.Tensor, block_k: int, num_warps: int, rows: int) -> int:
+    """G for _load_rows: the rows one repetition of the load layout covers (16-byte vectors along
+    the block_k columns, the warp's remaining lanes and the warps down the rows)."""
+    lanes_k = min(32, max(1, block_k * x.element_size() // 16))
+    return min(rows, 32 // lanes_k * num_warps)
+
+
+def _alloc_1x128(M: int, K: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """q [M, K] and the scales buffer [K/128, M] (returned as its transpose: outer-dim-major)."""
+    return (torch.empty(M, K, dtype=FP8, device=device),
+            torch.empty(K // BLOCK, M, dtype=torch.float32, device=device))
+
+
+def _alloc_128x1_t(M: int, K: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """q^T [K, M'] and the scales buffer [M'/128, K] (returned as its transpose), M' = M rounded up
+    to 128."""
     Mp = -(-M // BLOCK) * BLOCK
-    q = torch.empty(K, Mp, dtype=FP8, device=x.device)
-    s_buf = torch.empty(Mp // BLOCK, K, dtype=torch.float32, device=x.device)
-    BK = 64
-    _quant_128x1_t_kernel[(Mp // BLOCK, triton.cdiv(K, BK))](x, q, s_buf, M, K, Mp, x.stride(0),
-                                                            POW2=pow2_scales, BK=BK)
+    return (torch.empty(K, Mp, dtype=FP8, device=device),
+            torch.empty(Mp // BLOCK, K, dtype=torch.float32, device=device))
+
+
+def quantize_1x128(x: torch.Tensor, pow2_scales: bool, *, block_m: int = 32, num_warps: int = 4,
+                   fast_div: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q [M, K], s [M, K/128]); one program per block_m rows x 128 columns."""
+    x = _row_major_input(x)
+    M, K = x.shape
+    q, s_buf = _alloc_1x128(M, K, x.device)
+    _quant_1x128_kernel[(triton.cdiv(M, block_m), K // BLOCK)](
+        x, q, s_buf, M, K, x.stride(0), POW2=pow2_scales, FAST_DIV=_fast_div(fast_div), BM=block_m,
+        num_warps=num_warps)
     return q, s_buf.t()
+
+
+def quantize_128x1_t(x: torch.Tensor, pow2_scales: bool, *, block_k: int = 64, num_warps: int = 4,
+                     fast_div: bool | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q^T [K, M'], s [K, M'/128]); one program per 128 rows x block_k columns."""
+    x = _row_major_input(x)
+    M, K = x.shape
+    qt, st_buf = _alloc_128x1_t(M, K, x.device)
+    Mp = qt.shape[1]
+    _quant_128x1_t_kernel[(Mp // BLOCK, triton.cdiv(K, block_k))](
+        x, qt, st_buf, M, K, Mp, x.stride(0), POW2=pow2_scales, FAST_DIV=_fast_div(fast_div), BK=block_k,
+        G=_rows_per_rep(x, block_k, num_warps, BLOCK), num_warps=num_warps)
+    return qt, st_buf.t()
+
+
+def quantize_dual(x: torch.Tensor, pow2_scales: bool, *, rows_per_chunk: int = 128, num_warps: int = 8,
+                  max_registers: int | None = 128, fast_div: bool | None = None):
+    """(quantize_1x128(x), quantize_128x1_t(x)) bit for bit, reading x once (K a multiple of 128).
+
+    One program per 128x128 tile: rows_per_chunk=128 holds the tile in registers; 32 or 64 walks
+    it in chunks of that many rows, twice (column amax, then both quantizations; the second pass
+    re-reads the tile from L1/L2). max_registers caps registers per thread (ptxas maxnreg). The
+    defaults were the fastest variant on the H200 (bench/fp8_probe.py)."""
+    x = _row_major_input(x)
+    M, K = x.shape
+    q, s_buf = _alloc_1x128(M, K, x.device)
+    qt, st_buf = _alloc_128x1_t(M, K, x.device)
+    Mp = qt.shape[1]
+    args = (x, q, s_buf, qt, st_buf, M, K, Mp, x.stride(0))
+    meta = {"POW2": pow2_scales, "FAST_DIV": _fast_div(fast_div), "num_warps": num_warps, "maxnreg": max_registers,
+            "G": _rows_per_rep(x, BLOCK, num_warps, rows_per_chunk)}
+    grid = (K // BLOCK, Mp // BLOCK)
+    if rows_per_chunk == BLOCK:
+        _quant_dual_tile_kernel[grid](*args, **meta)
+    else:
+        _quant_dual_chunked_kernel[grid](*args, RB=rows_per_chunk, **meta)
+    return (q, s_buf.t()), (qt, st_buf.t())
 
 
 def quantize_128x128(w: torch.Tensor, pow2_scales: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,325 @@
+"""GPU probe of the FP8 training path's parts (CUDA only); prints ONE JSON object.
+
+    python3 bench/fp8_probe.py
+
+  quant[]    per bf16 activation x [tokens, hidden] and output grad dy [tokens, ffn]: median ms
+             (CUDA events, L2 flushed before each rep) of every launch config of
+             triton_fp8.quantize_1x128 and quantize_128x1_t, each with the div.rn division and the
+             FMA division (fast_div), and of every fused variant of triton_fp8.quantize_dual;
+             `equal`: q (as uint8), scales, shapes and strides bitwise equal to the reference (the
+             two kernels in their default config with div.rn, the production path before this
+             probe); GB/s of the ideal traffic (x read once per kernel, q written). Summary: the
+             default two kernels, the best bit-equal two kernels, the best bit-equal fused variant.
+  fast_div_check  the FMA division against div.rn: every finite bf16 value against every bf16 amax
+             mantissa (normal, subnormal and huge amax), 1x128, 128x1_t and fused; plus random fp32
+             blocks over 60 decades. Mismatch counts (0 = bit-identical).
+  gemm[]     (M, K, N) of y = x W^T: the three cuBLAS block-scaled FP8 GEMMs exactly as fp8_linear
+             issues them (fprop y = Qx.Qw, dgrad dx = Qdy.Qw^T-blocks, wgrad dW = Qdy_t.Qx_t), the
+             swapped wgrad (dW^T = Qx_t.Qdy_t, returned .t(); and with .contiguous()), and bf16
+             torch.mm of the same three GEMMs; ms and TFLOP/s; swapped vs normal wgrad in fp32:
+             max|diff| / max|dW| and relative Frobenius difference.
+  linear[]   fwd+bwd of fp8_linear (y, dx, dW; the weight touched in place every step, as an
+             optimizer does, so it is re-quantized) vs bf16 F.linear, per quantization setting:
+             (fp8._DUAL_IMPL, triton_fp8.FAST_DIV), the fused setting with the fastest bit-equal
+             fused variant of quant[] for that x, and the best bit-equal two-kernel configs.
+Every measurement is guarded: a failure is recorded as {"error": ...} and the rest still runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from miles_lib.precision import fp8, fp8_gemm, triton_fp8
+from miles_lib.precision.fp8_linear import fp8_linear
+
+X_SHAPES = [(32768, 7168), (32768, 4096), (16384, 4096)]
+DY_SHAPES = [(32768, 2048), (32768, 1536)]
+GEMMS = [(32768, 7168, 2048), (32768, 4096, 2048), (16384, 4096, 1536)]  # (M, K, N) of y = x W^T
+ROWS_CONFIGS = [{"block_m": 32, "num_warps": 4}, {"block_m": 64, "num_warps": 8}, {"block_m": 128, "num_warps": 8}]
+COLS_CONFIGS = [{"block_k": 64, "num_warps": 4}, {"block_k": 32, "num_warps": 4}, {"block_k": 128, "num_warps": 8}]
+FUSED_CONFIGS = {"tile_w8": {"rows_per_chunk": 128, "num_warps": 8},
+                 "tile_w8_r128": {"rows_per_chunk": 128, "num_warps": 8, "max_registers": 128},
+                 "tile_w16": {"rows_per_chunk": 128, "num_warps": 16},
+                 "chunk32_w4": {"rows_per_chunk": 32, "num_warps": 4},
+                 "chunk64_w8_r128": {"rows_per_chunk": 64, "num_warps": 8, "max_registers": 128}}
+REPS, WARMUP = 25, 3
+_FLUSH = None
+
+
+def guarded(fn, *args, **kwargs):
+    try:
+        return fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - a probe records every failure and goes on
+        return {"error": f"{type(e).__name__}: {e}"[:400]}
+
+
+def cuda_ms(fn, reps: int = REPS, flush: bool = True) -> float:
+    """Median ms of fn() over reps CUDA-event-timed calls (after WARMUP calls); the L2 cache is
+    overwritten before each timed call when flush (its 50 MB would otherwise hold outputs)."""
+    global _FLUSH
+    if _FLUSH is None:
+        _FLUSH = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
+    for _ in range(WARMUP):
+        fn()
+    events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+    for start, end in events:
+        if flush:
+            _FLUSH.zero_()
+        start.record()
+        fn()
+        end.record()
+    torch.cuda.synchronize()
+    return round(statistics.median(s.elapsed_time(e) for s, e in events), 4)
+
+
+def same_bits(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> bool:
+    """(q, s) pairs identical: shapes, strides, q bytes, scale values."""
+    (qa, sa), (qb, sb) = a, b
+    return (qa.shape == qb.shape and sa.shape == sb.shape and sa.stride() == sb.stride()
+            and torch.equal(qa.view(torch.uint8), qb.view(torch.uint8)) and torch.equal(sa, sb))
+
+
+def mismatches(a: tuple[torch.Tensor, torch.Tensor], b: tuple[torch.Tensor, torch.Tensor]) -> int:
+    (qa, sa), (qb, sb) = a, b
+    return int((qa.view(torch.uint8) != qb.view(torch.uint8)).sum()) + int((sa != sb).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# quantization kernels
+# ---------------------------------------------------------------------------------------------
+def _name(cfg: dict, fast_div: bool) -> str:
+    return "_".join(f"{k}{v}" for k, v in cfg.items()) + ("_fastdiv" if fast_div else "_divrn")
+
+
+def _timed_variant(fn, ref, gb: float) -> dict:
+    out = fn()
+    equal = (same_bits(out[0], ref[0]) and same_bits(out[1], ref[1])) if isinstance(out[0], tuple) \
+        else same_bits(out, ref)
+    del out
+    ms = cuda_ms(fn)
+    return {"ms": ms, "equal": equal, "GB/s": round(gb / ms * 1e3, 1)}
+
+
+def _best(results: dict) -> tuple[str, float] | None:
+    ok = [(k, v["ms"]) for k, v in results.items() if isinstance(v, dict) and v.get("equal")]
+    return min(ok, key=lambda kv: kv[1]) if ok else None
+
+
+def probe_quant(kind: str, M: int, K: int) -> dict:
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    ref_rows = triton_fp8.quantize_1x128(x, False, fast_div=False)
+    ref_cols = triton_fp8.quantize_128x1_t(x, False, fast_div=False)
+    gb_one = M * K * 3 / 1e9  # read x (bf16), write q (e4m3); scales are < 2 %
+    rows, cols, fused = {}, {}, {}
+    for fast_div in (False, True):
+        for cfg in ROWS_CONFIGS:
+            rows[_name(cfg, fast_div)] = guarded(_timed_variant, functools.partial(
+                triton_fp8.quantize_1x128, x, False, fast_div=fast_div, **cfg), ref_rows, gb_one)
+        for cfg in COLS_CONFIGS:
+            cols[_name(cfg, fast_div)] = guarded(_timed_variant, functools.partial(
+                triton_fp8.quantize_128x1_t, x, False, fast_div=fast_div, **cfg), ref_cols, gb_one)
+        for name, cfg in FUSED_CONFIGS.items():
+            fused[name + ("_fastdiv" if fast_div else "_divrn")] = guarded(_timed_variant, functools.partial(
+                triton_fp8.quantize_dual, x, False, fast_div=fast_div, **cfg), (ref_rows, ref_cols), M * K * 4 / 1e9)
+    default = [rows.get(_name(ROWS_CONFIGS[0], False), {}).get("ms"),
+               cols.get(_name(COLS_CONFIGS[0], False), {}).get("ms")]
+    best_rows, best_cols, best_fused = _best(rows), _best(cols), _best(fused)
+    return {"tensor": kind, "shape": [M, K], "quantize_1x128": rows, "quantize_128x1_t": cols, "quantize_dual": fused,
+            "summary_ms": {
+                "two_kernels_default": round(sum(default), 4) if None not in default else None,
+                "two_kernels_best": (round(best_rows[1] + best_cols[1], 4) if best_rows and best_cols else None),
+                "two_kernels_best_configs": [best_rows and best_rows[0], best_cols and best_cols[0]],
+                "fused_best": best_fused and best_fused[1], "fused_best_variant": best_fused and best_fused[0],
+                "ideal_fused_at_3.8TB/s": round(M * K * 4 / 3.8e9, 4)}}
+
+
+# ---------------------------------------------------------------------------------------------
+# the FMA division against div.rn
+# ---------------------------------------------------------------------------------------------
+def exhaustive_bf16_blocks() -> torch.Tensor:
+    """[R, 128] bf16: row = [amax, 127 values with |v| <= amax]; over all amax in {every bf16
+    mantissa} x {2^0, 2^-100, 2^100} plus every subnormal bf16, the values run through every finite
+    bf16 value allowed under that amax (so every (scale, value) pair a bf16 1x128 block can hold,
+    up to the exponent shift the kernels normalize away)."""
+    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
+    values = bits.view(torch.bfloat16).float()
+    values = values[torch.isfinite(values)]
+    mantissas = 1 + torch.arange(128, dtype=torch.float32) / 128
+    amaxes = torch.cat([mantissas * 2.0 ** e for e in (0, -100, 100)] + [torch.arange(1, 128) * 2.0 ** -133])
+    rows = []
+    for amax in amaxes.tolist():
+        v = values[values.abs() <= amax]
+        v = torch.cat([v, v.new_zeros(-v.numel() % 127)]).view(-1, 127)
+        rows.append(torch.cat([v.new_full((v.shape[0], 1), amax), v], 1))
+    return torch.cat(rows).bfloat16()
+
+
+def _fast_vs_rn(x: torch.Tensor) -> dict:
+    """Mismatches (q bytes + scales) of the FMA division vs div.rn on the blocks (rows) of x [R, 128]:
+    1x128 and fused on x, 128x1_t and fused on x^T (zero blocks appended to R' = R rounded up to 128)."""
+    xt = fp8.pad_rows(x, 128).t().contiguous()
+    out = {"elements": x.numel()}
+    for name, fn, t in (("1x128", triton_fp8.quantize_1x128, x), ("fused", triton_fp8.quantize_dual, x),
+                        ("128x1_t_of_transpose", triton_fp8.quantize_128x1_t, xt),
+                        ("fused_of_transpose", triton_fp8.quantize_dual, xt)):
+        fast, rn = fn(t, False, fast_div=True), fn(t, False, fast_div=False)
+        pairs = zip(fast, rn) if isinstance(fast[0], tuple) else [(fast, rn)]
+        out[name] = sum(mismatches(a, b) for a, b in pairs)
+    return out
+
+
+def probe_fast_div() -> dict:
+    x = exhaustive_bf16_blocks()
+    res = {"bf16_exhaustive": guarded(_fast_vs_rn, x.cuda())}
+    res["bf16_exhaustive_vs_cpu_reference_1x128"] = guarded(
+        lambda: mismatches(tuple(t.cpu() for t in triton_fp8.quantize_1x128(x.cuda(), False, fast_div=True)),
+                           fp8.quantize_blockwise(x, 1, 128)))
+    g = torch.Generator(device="cuda").manual_seed(0)
+    fp32 = []
+    for _ in range(4):
+        blocks = torch.randn(262144, 128, device="cuda", generator=g)
+        blocks *= 10.0 ** (torch.rand(262144, 1, device="cuda", generator=g) * 60 - 30)
+        fp32.append(guarded(_fast_vs_rn, blocks))
+    res["fp32_random"] = fp32
+    return res
+
+
+# ---------------------------------------------------------------------------------------------
+# cuBLAS GEMMs
+# ---------------------------------------------------------------------------------------------
+def _tflops(flops: float, ms) -> float | None:
+    return round(flops / ms / 1e9, 1) if isinstance(ms, float) else None
+
+
+def probe_gemm(M: int, K: int, N: int) -> dict:
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    (qx, sx), (qxt, sxt) = fp8.quantize_act_1x128(x), fp8.quantize_act_128x1_t(x)
+    (qdy, sdy), (qdyt, sdyt) = fp8.quantize_act_1x128(dy), fp8.quantize_act_128x1_t(dy)
+    qw, sw = fp8.quantize_weight_128x128(w)
+    qwt, swt = qw.t().contiguous(), sw.t().contiguous()  # as fp8_linear.weight_for_dgrad
+    bf = torch.bfloat16
+    fp8_calls = {
+        "fprop": lambda: fp8_gemm.fp8_mm(qx, sx, qw, sw, bf),
+        "dgrad": lambda: fp8_gemm.fp8_mm(qdy, sdy, qwt, swt, bf),
+        "wgrad": lambda: fp8_gemm.fp8_mm(qdyt, sdyt, qxt, sxt, bf),
+        "wgrad_swapped": lambda: fp8_gemm.fp8_mm(qxt, sxt, qdyt, sdyt, bf).t(),
+        "wgrad_swapped_contiguous": lambda: fp8_gemm.fp8_mm(qxt, sxt, qdyt, sdyt, bf).t().contiguous(),
+    }
+    bf16_calls = {"fprop": lambda: torch.mm(x, w.t()), "dgrad": lambda: torch.mm(dy, w),
+                  "wgrad": lambda: torch.mm(dy.t(), x)}
+    flops = 2.0 * M * N * K
+    out = {"M": M, "K": K, "N": N, "cublas_blockwise": [fp8_gemm.cublas_blockwise("cuda", False),
+                                                        fp8_gemm.cublas_blockwise("cuda", True)]}
+    for group, calls in (("fp8", fp8_calls), ("bf16", bf16_calls)):
+        ms = {k: guarded(cuda_ms, f, flush=False) for k, f in calls.items()}
+        out[group] = {k: {"ms": v, "TFLOP/s": _tflops(flops, v)} if isinstance(v, float) else v for k, v in ms.items()}
+        times = [v for v in ms.values() if isinstance(v, float)][:3]
+        out[group]["three_gemms_ms"] = round(sum(times), 4) if len(times) == 3 else None
+    out["wgrad_swapped_vs_wgrad"] = guarded(_swapped_diff, qdyt, sdyt, qxt, sxt)
+    return out
+
+
+def _swapped_diff(qdyt, sdyt, qxt, sxt) -> dict:
+    dw = fp8_gemm.fp8_mm(qdyt, sdyt, qxt, sxt, torch.float32)
+    dw_swapped = fp8_gemm.fp8_mm(qxt, sxt, qdyt, sdyt, torch.float32).t()
+    diff = (dw_swapped - dw).abs()
+    return {"max_abs_diff_over_max_abs": float(diff.max() / dw.abs().max()),
+            "rel_frobenius": float((dw_swapped - dw).norm() / dw.norm())}
+
+
+# ---------------------------------------------------------------------------------------------
+# fp8_linear end to end
+# ---------------------------------------------------------------------------------------------
+def _fwd_bwd_step(fn, x, w, dy):
+    def step():
+        x.grad = w.grad = None
+        with torch.no_grad():
+            w.add_(0)  # a new weight version, as after an optimizer step: FP8 re-quantizes it
+        fn().backward(dy)
+    return step
+
+
+def _config_of(variant: str | None, configs: list[dict] | dict) -> dict:
+    """The launch config a quant[] variant name stands for ({} when there is none)."""
+    if not variant:
+        return {}
+    if isinstance(configs, dict):
+        return configs[variant.rsplit("_", 1)[0]]
+    return next(c for c in configs if variant.startswith(_name(c, False).rsplit("_", 1)[0] + "_"))
+
+
+class _Setting:
+    """fp8._DUAL_IMPL, triton_fp8.FAST_DIV and the quantization wrappers' launch configs, set for
+    one measurement and restored after it."""
+
+    def __init__(self, dual: str, fast_div: bool, configs: dict[str, dict]):
+        self.dual, self.fast_div, self.configs = dual, fast_div, configs
+
+    def __enter__(self):
+        self.saved = (fp8._DUAL_IMPL, triton_fp8.FAST_DIV,
+                      {name: getattr(triton_fp8, name) for name in self.configs})
+        fp8._DUAL_IMPL, triton_fp8.FAST_DIV = self.dual, self.fast_div
+        for name, cfg in self.configs.items():
+            setattr(triton_fp8, name, functools.partial(getattr(triton_fp8, name), **cfg))
+
+    def __exit__(self, *exc):
+        fp8._DUAL_IMPL, triton_fp8.FAST_DIV, wrappers = self.saved
+        for name, fn in wrappers.items():
+            setattr(triton_fp8, name, fn)
+
+
+def probe_linear(M: int, K: int, N: int, quant_by_shape: dict) -> dict:
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16).requires_grad_()
+    w = (torch.randn(N, K, device="cuda", dtype=torch.bfloat16) * 0.02).requires_grad_()
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
+    summary = quant_by_shape.get((M, K), {}).get("summary_ms", {})
+    best_fused = _config_of(summary.get("fused_best_variant"), FUSED_CONFIGS)
+    best_rows, best_cols = summary.get("two_kernels_best_configs") or [None, None]
+    settings = {
+        "two_kernels_divrn (before)": _Setting("two_kernels", False, {}),
+        "two_kernels_fastdiv": _Setting("two_kernels", True, {}),
+        "two_kernels_best_configs_fastdiv": _Setting("two_kernels", True, {
+            "quantize_1x128": _config_of(best_rows, ROWS_CONFIGS),
+            "quantize_128x1_t": _config_of(best_cols, COLS_CONFIGS)}),
+        "fused_divrn": _Setting("fused", False, {"quantize_dual": best_fused}),
+        "fused_fastdiv": _Setting("fused", True, {"quantize_dual": best_fused}),
+    }
+    flops = 6.0 * M * N * K
+    out = {"M": M, "K": K, "N": N, "fused_variant": summary.get("fused_best_variant"),
+           "bf16_ms": guarded(cuda_ms, _fwd_bwd_step(lambda: F.linear(x, w), x, w, dy), 20, False)}
+    for name, setting in settings.items():
+        def measure(setting=setting):
+            with setting:
+                return cuda_ms(_fwd_bwd_step(lambda: fp8_linear(x, w), x, w, dy), 20, False)
+        ms = guarded(measure)
+        out[name] = {"ms": ms, "TFLOP/s": _tflops(flops, ms),
+                     "speedup_vs_bf16": (round(out["bf16_ms"] / ms, 3)
+                                         if isinstance(ms, float) and isinstance(out["bf16_ms"], float) else None)}
+    return out
+
+
+def main() -> None:
+    t0 = time.time()
+    result = {"probe": "fp8_probe", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+              "triton": guarded(lambda: __import__("triton").__version__), "reps": REPS}
+    quant = [guarded(probe_quant, kind, M, K) for kind, shapes in (("x", X_SHAPES), ("dy", DY_SHAPES))
+             for M, K in shapes]
+    result["quant"] = quant
+    result["fast_div_check"] = guarded(probe_fast_div)
+    result["gemm"] = [guarded(probe_gemm, *s) for s in GEMMS]
+    by_shape = {tuple(q["shape"]): q for q in quant if "shape" in q}
+    result["linear"] = [guarded(probe_linear, M, K, N, by_shape) for M, K, N in GEMMS]
+    result["seconds"] = round(time.time() - t0, 1)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
