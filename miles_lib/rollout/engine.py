@@ -7,7 +7,9 @@ forward of the same weights computes, to fp32 rounding. One loop iteration is on
   * admit  -- while slots are free and requests wait: prefill up to ``prefill_batch`` sequences
               (at most ``max_prefill_tokens`` padded tokens) in one right-padded forward and sample
               their first token. A resumed partial sample prefills its whole token history.
-  * decode -- otherwise: one forward feeding every running sequence its last token.
+  * decode -- otherwise: one forward feeding every running sequence its last token, sampler and
+              bookkeeping included (decode_step.py: eager, one compiled graph with
+              ``compile_decode``, or replayed from CUDA graphs with ``cuda_graphs``).
   * retire -- a sequence that sampled a stop token (COMPLETED) or reached max_new_tokens or the
               context (TRUNCATED) leaves; the last running sequence moves into its slot, so the
               running ones always fill slots [0, B) (kv_cache.py, slots.py).
