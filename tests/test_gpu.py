@@ -76,7 +76,7 @@ def test_cuda_graph_decode_matches_teacher_forcing_and_eager(compile_decode):
     engine.mark_weights_updated(1)
     again = engine.generate(prompts[:4], params[:4])
     _assert_matches_teacher_forcing(m, again, 1e-4)
-    assert all(v == [1] * s.response_length for s, v in ((s, s.weight_versions) for s in again))
+    assert all(s.weight_versions == [1] * s.response_length for s in again)
 
 
 def test_cuda_graph_decode_sees_fp8_weight_updates():
