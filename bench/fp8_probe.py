@@ -142,24 +142,6 @@ def probe_quant(kind: str, M: int, K: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # the FMA division against div.rn
 # ---------------------------------------------------------------------------------------------
-def exhaustive_bf16_blocks() -> torch.Tensor:
-    """[R, 128] bf16: row = [amax, 127 values with |v| <= amax]; over all amax in {every bf16
-    mantissa} x {2^0, 2^-100, 2^100} plus every subnormal bf16, the values run through every finite
-    bf16 value allowed under that amax (so every (scale, value) pair a bf16 1x128 block can hold,
-    up to the exponent shift the kernels normalize away)."""
-    bits = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16)
-    values = bits.view(torch.bfloat16).float()
-    values = values[torch.isfinite(values)]
-    mantissas = 1 + torch.arange(128, dtype=torch.float32) / 128
-    amaxes = torch.cat([mantissas * 2.0 ** e for e in (0, -100, 100)] + [torch.arange(1, 128) * 2.0 ** -133])
-    rows = []
-    for amax in amaxes.tolist():
-        v = values[values.abs() <= amax]
-        v = torch.cat([v, v.new_zeros(-v.numel() % 127)]).view(-1, 127)
-        rows.append(torch.cat([v.new_full((v.shape[0], 1), amax), v], 1))
-    return torch.cat(rows).bfloat16()
-
-
 def _fast_vs_rn(x: torch.Tensor) -> dict:
     """Mismatches (q bytes + scales) of the FMA division vs div.rn on the blocks (rows) of x [R, 128]:
     1x128 and fused on x, 128x1_t and fused on x^T (zero blocks appended to R' = R rounded up to 128)."""
@@ -175,7 +157,7 @@ def _fast_vs_rn(x: torch.Tensor) -> dict:
 
 
 def probe_fast_div() -> dict:
-    x = exhaustive_bf16_blocks()
+    x = fp8.every_bf16_block()
     res = {"bf16_exhaustive": guarded(_fast_vs_rn, x.cuda())}
     res["bf16_exhaustive_vs_cpu_reference_1x128"] = guarded(
         lambda: mismatches(tuple(t.cpu() for t in triton_fp8.quantize_1x128(x.cuda(), False, fast_div=True)),

@@ -222,26 +222,10 @@ def test_gpu_fused_dual_and_fast_division_are_bitwise_equal_to_two_kernels_and_c
         monkeypatch.setattr(fp8, "_DUAL_IMPL", "two_kernels")
 
 
-def every_bf16_block() -> torch.Tensor:
-    """[R, 128] bf16 rows [amax, 127 values with |v| <= amax] over every bf16 amax mantissa (at
-    2^0, 2^-100, 2^100, and every subnormal amax) and every finite bf16 value under it: all the
-    (scale, value) pairs a bf16 block can hold, up to the exponent shift the division removes."""
-    values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
-    values = values[torch.isfinite(values)]
-    mantissas = 1 + torch.arange(128, dtype=torch.float32) / 128
-    amaxes = torch.cat([mantissas * 2.0 ** e for e in (0, -100, 100)] + [torch.arange(1, 128) * 2.0 ** -133])
-    rows = []
-    for amax in amaxes.tolist():
-        v = values[values.abs() <= amax]
-        v = torch.cat([v, v.new_zeros(-v.numel() % 127)]).view(-1, 127)
-        rows.append(torch.cat([v.new_full((v.shape[0], 1), amax), v], 1))
-    return torch.cat(rows).bfloat16()
-
-
 @pytest.mark.gpu
 def test_gpu_fast_division_is_exact_for_every_bf16_block():
     from miles_lib.precision import triton_fp8
-    x = every_bf16_block()
+    x = fp8.every_bf16_block()
     assert same_values(tuple(t.cpu() for t in triton_fp8.quantize_1x128(x.cuda(), False, fast_div=True)),
                        fp8.quantize_blockwise(x, 1, 128))
     xt = fp8.pad_rows(x, 128).t().contiguous().cuda()  # the same blocks as 128x1 columns

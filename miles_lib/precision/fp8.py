@@ -147,6 +147,24 @@ def quantize_act_dual(x: torch.Tensor, pow2_scales: bool = False):
     return quantize_act_1x128(x, pow2_scales), quantize_act_128x1_t(x, pow2_scales)
 
 
+def every_bf16_block() -> torch.Tensor:
+    """[R, 128] bf16 rows [amax, 127 values with |v| <= amax] over every bf16 amax mantissa (at
+    2^0, 2^-100, 2^100, and every subnormal amax) and every finite bf16 value under it: all the
+    (scale, value) pairs a bf16 1x128 block can hold, up to the exponent shift the GPU kernels'
+    division normalizes away. The exhaustive input the GPU quantization is checked on against
+    ``quantize_blockwise`` (tests, bench/fp8_probe.py)."""
+    values = torch.arange(-32768, 32768, dtype=torch.int32).to(torch.int16).view(torch.bfloat16).float()
+    values = values[torch.isfinite(values)]
+    mantissas = 1 + torch.arange(128, dtype=torch.float32) / 128
+    amaxes = torch.cat([mantissas * 2.0 ** e for e in (0, -100, 100)] + [torch.arange(1, 128) * 2.0 ** -133])
+    rows = []
+    for amax in amaxes.tolist():
+        v = values[values.abs() <= amax]
+        v = torch.cat([v, v.new_zeros(-v.numel() % 127)]).view(-1, 127)
+        rows.append(torch.cat([v.new_full((v.shape[0], 1), amax), v], 1))
+    return torch.cat(rows).bfloat16()
+
+
 @dataclasses.dataclass
 class Fp8Config(ConfigBase):
     """Block-scaled FP8 training / rollout (DeepSeek-V3 recipe)."""
