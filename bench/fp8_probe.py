@@ -1,6 +1,6 @@
 """GPU probe of the FP8 training path's parts (CUDA only); prints ONE JSON object.
 
-    python3 bench/fp8_probe.py
+    python3 bench/fp8_probe.py [--sections quant,fast_div,gemm,linear]
 
   quant[]    per bf16 activation x [tokens, hidden] and output grad dy [tokens, ffn]: median ms
              (CUDA events, L2 flushed before each rep) of every launch config of
@@ -27,6 +27,7 @@ Every measurement is guarded: a failure is recorded as {"error": ...} and the re
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import statistics
@@ -43,11 +44,13 @@ DY_SHAPES = [(32768, 2048), (32768, 1536)]
 GEMMS = [(32768, 7168, 2048), (32768, 4096, 2048), (16384, 4096, 1536)]  # (M, K, N) of y = x W^T
 ROWS_CONFIGS = [{"block_m": 32, "num_warps": 4}, {"block_m": 64, "num_warps": 8}, {"block_m": 128, "num_warps": 8}]
 COLS_CONFIGS = [{"block_k": 64, "num_warps": 4}, {"block_k": 32, "num_warps": 4}, {"block_k": 128, "num_warps": 8}]
-FUSED_CONFIGS = {"tile_w8": {"rows_per_chunk": 128, "num_warps": 8},
-                 "tile_w8_r128": {"rows_per_chunk": 128, "num_warps": 8, "max_registers": 128},
-                 "tile_w16": {"rows_per_chunk": 128, "num_warps": 16},
-                 "chunk32_w4": {"rows_per_chunk": 32, "num_warps": 4},
-                 "chunk64_w8_r128": {"rows_per_chunk": 64, "num_warps": 8, "max_registers": 128}}
+FUSED_CONFIGS = {"tile_w8": {"paired_sub": None, "num_warps": 8},
+                 "tile_w8_r128": {"paired_sub": None, "num_warps": 8, "max_registers": 128},
+                 "tile_w16": {"paired_sub": None, "num_warps": 16},
+                 "paired64_w4": {"paired_sub": 64, "num_warps": 4},
+                 "paired64_w8": {"paired_sub": 64, "num_warps": 8},
+                 "paired32_w4": {"paired_sub": 32, "num_warps": 4},
+                 "paired128_w8": {"paired_sub": 128, "num_warps": 8}}
 REPS, WARMUP = 25, 3
 _FLUSH = None
 
@@ -185,8 +188,7 @@ def probe_gemm(M: int, K: int, N: int) -> dict:
     dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
     (qx, sx), (qxt, sxt) = fp8.quantize_act_1x128(x), fp8.quantize_act_128x1_t(x)
     (qdy, sdy), (qdyt, sdyt) = fp8.quantize_act_1x128(dy), fp8.quantize_act_128x1_t(dy)
-    qw, sw = fp8.quantize_weight_128x128(w)
-    qwt, swt = qw.t().contiguous(), sw.t().contiguous()  # as fp8_linear.weight_for_dgrad
+    (qw, sw), (qwt, swt) = fp8.quantize_weight_128x128_both(w)  # as fp8_linear
     bf = torch.bfloat16
     fp8_calls = {
         "fprop": lambda: fp8_gemm.fp8_mm(qx, sx, qw, sw, bf),
@@ -288,17 +290,26 @@ def probe_linear(M: int, K: int, N: int, quant_by_shape: dict) -> dict:
     return out
 
 
+SECTIONS = ("quant", "fast_div", "gemm", "linear")
+
+
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
+    sections = set(ap.parse_args().sections.split(","))
     t0 = time.time()
     result = {"probe": "fp8_probe", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": guarded(lambda: __import__("triton").__version__), "reps": REPS}
     quant = [guarded(probe_quant, kind, M, K) for kind, shapes in (("x", X_SHAPES), ("dy", DY_SHAPES))
-             for M, K in shapes]
+             for M, K in shapes] if "quant" in sections else []
     result["quant"] = quant
-    result["fast_div_check"] = guarded(probe_fast_div)
-    result["gemm"] = [guarded(probe_gemm, *s) for s in GEMMS]
+    if "fast_div" in sections:
+        result["fast_div_check"] = guarded(probe_fast_div)
+    if "gemm" in sections:
+        result["gemm"] = [guarded(probe_gemm, *s) for s in GEMMS]
     by_shape = {tuple(q["shape"]): q for q in quant if "shape" in q}
-    result["linear"] = [guarded(probe_linear, M, K, N, by_shape) for M, K, N in GEMMS]
+    if "linear" in sections:
+        result["linear"] = [guarded(probe_linear, M, K, N, by_shape) for M, K, N in GEMMS]
     result["seconds"] = round(time.time() - t0, 1)
     print(json.dumps(result))
 

@@ -10,7 +10,8 @@ python3 -c 'import torch, transformers, triton; print("torch", torch.__version__
 # GPU tests (files that need only torch/transformers)
 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gpu.py $(ls tests/test_precision_*.py tests/test_algorithms_cuda.py 2>/dev/null) 2>&1 | tail -40 | tee "$OUT/gpu_tests.txt"
 if [ "${SKIP_FP8:-0}" != 1 ]; then
-  python3 bench/fp8_gemm.py --device cuda --profile "$OUT/fp8_profile.txt" > "$OUT/fp8_gemm.json" 2> "$OUT/fp8_gemm.err"; tail -c 3000 "$OUT/fp8_gemm.json"; tail -5 "$OUT/fp8_gemm.err"
+  python3 bench/fp8_gemm.py --device cuda > "$OUT/fp8_gemm.json" 2> "$OUT/fp8_gemm.err"; tail -c 3000 "$OUT/fp8_gemm.json"; tail -5 "$OUT/fp8_gemm.err"
+  python3 bench/fp8_trace.py > "$OUT/fp8_trace.json" 2> "$OUT/fp8_trace.err"; tail -c 300 "$OUT/fp8_trace.json"
   python3 bench/fp8_alignment.py --device cuda --dtype bfloat16 > "$OUT/fp8_alignment_cuda.json" 2> "$OUT/fp8_alignment_cuda.err"; cat "$OUT/fp8_alignment_cuda.json"; tail -5 "$OUT/fp8_alignment_cuda.err"
 fi
 if [ "${SKIP_ROLLOUT:-0}" != 1 ]; then

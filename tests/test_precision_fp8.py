@@ -168,6 +168,24 @@ def test_gpu_quantization_is_bitwise_equal_to_cpu(pow2):
     for part_c, part_g in zip(fp8.quantize_act_dual(x, pow2), fp8.quantize_act_dual(x.cuda(), pow2)):
         assert torch.equal(part_c[0].view(torch.uint8), part_g[0].cpu().view(torch.uint8))
         assert torch.equal(part_c[1], part_g[1].cpu())
+    # the weight and its dgrad transpose from one kernel; the cuBLAS copy of the scales padded with 1
+    for wt in (w, w[0, :, :640].contiguous(), w[1, :384].bfloat16()):
+        for (qc, sc), (qg, sg) in zip(fp8.quantize_weight_128x128_both(wt, pow2),
+                                      fp8.quantize_weight_128x128_both(wt.cuda(), pow2)):
+            assert torch.equal(qc.view(torch.uint8), qg.cpu().view(torch.uint8)) and torch.equal(sc, sg.cpu())
+            padded = sg._cublas_padded.cpu()
+            assert padded.shape[-1] % 4 == 0 and torch.equal(padded[..., : sc.shape[-1]], sc)
+            assert (padded[..., sc.shape[-1]:] == 1).all()
+
+
+def test_weight_and_its_dgrad_transpose_share_blocks():
+    w = torch.randn(2, 256, 640, generator=torch.Generator().manual_seed(9))
+    (q, s), (qt, st) = fp8.quantize_weight_128x128_both(w)
+    assert torch.equal(q.view(torch.uint8), fp8.quantize_weight_128x128(w)[0].view(torch.uint8))
+    assert qt.shape == (2, 640, 256) and st.shape == (2, 5, 2)
+    assert torch.equal(qt.view(torch.uint8), q.transpose(1, 2).view(torch.uint8)) and torch.equal(st, s.transpose(1, 2))
+    ref_t = fp8.quantize_weight_128x128(w.transpose(1, 2).contiguous())  # blocks of W^T: same scales, same bytes
+    assert torch.equal(qt.view(torch.uint8), ref_t[0].view(torch.uint8)) and torch.equal(st, ref_t[1])
 
 
 def test_dual_quantization_setting_falls_back_to_the_reference_on_cpu(monkeypatch):
@@ -211,9 +229,9 @@ def test_gpu_fused_dual_and_fast_division_are_bitwise_equal_to_two_kernels_and_c
             outs = {"1x128": (triton_fp8.quantize_1x128(xc, pow2, block_m=64, num_warps=8, fast_div=fast_div), two[1]),
                     "128x1_t": (two[0], triton_fp8.quantize_128x1_t(xc, pow2, block_k=128, num_warps=8,
                                                                      fast_div=fast_div))}
-            for rows, warps in ((128, 8), (128, 16), (32, 4), (64, 8)):
-                outs[f"dual {rows} rows"] = triton_fp8.quantize_dual(xc, pow2, rows_per_chunk=rows, num_warps=warps,
-                                                                    fast_div=fast_div)
+            for sub, warps, regs in ((64, 4, None), (32, 4, None), (128, 8, None), (None, 8, 128), (None, 16, None)):
+                outs[f"dual paired_sub={sub} warps={warps}"] = triton_fp8.quantize_dual(
+                    xc, pow2, paired_sub=sub, num_warps=warps, max_registers=regs, fast_div=fast_div)
             for name, out in outs.items():
                 assert same_bits(out[0], two[0]) and same_bits(out[1], two[1]), (M, K, dtype, fast_div, name)
         monkeypatch.setattr(fp8, "_DUAL_IMPL", "fused")

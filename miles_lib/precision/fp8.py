@@ -38,8 +38,7 @@ FP8_MAX = 448.0
 BLOCK = 128
 
 _USE_TRITON = True  # tests flip this to compare the Triton kernels with the torch ops on GPU
-_DUAL_IMPL = "auto"  # "auto" | "two_kernels" | "fused": how quantize_act_dual runs on CUDA (see there)
-_FUSED_DUAL_MAX_NUMEL = 2 ** 26  # "auto": the fused kernel up to this size, the two kernels above
+_DUAL_IMPL = "fused"  # "fused" | "two_kernels": how quantize_act_dual runs on CUDA (see there)
 
 
 def round_up_pow2(s: torch.Tensor) -> torch.Tensor:
@@ -113,6 +112,18 @@ def quantize_weight_128x128(w: torch.Tensor, pow2_scales: bool = False) -> tuple
     return quantize_blockwise(w, BLOCK, BLOCK, pow2_scales)
 
 
+def quantize_weight_128x128_both(w: torch.Tensor, pow2_scales: bool = False):
+    """(quantize_weight_128x128(w), the same with the last two dims swapped): the fprop operand and
+    the dgrad operand (W^T; a 128x128 block's scale does not depend on the orientation, so this is
+    the transpose of the first, bit for bit). On CUDA one kernel writes both from one read of w."""
+    _check_divisible(w.shape, BLOCK, BLOCK, "128x128")
+    if _triton_ok(w) and w.dim() in (2, 3):
+        from miles_lib.precision import triton_fp8
+        return triton_fp8.quantize_128x128(w, pow2_scales, with_transpose=True)
+    q, s = quantize_blockwise(w, BLOCK, BLOCK, pow2_scales)
+    return (q, s), (q.transpose(-2, -1).contiguous(), s.transpose(-2, -1).contiguous())
+
+
 def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:
     """x [M, ...] with zero rows appended up to a multiple of ``multiple``."""
     extra = -x.shape[0] % multiple
@@ -135,12 +146,9 @@ def quantize_act_128x1_t(x: torch.Tensor, pow2_scales: bool = False) -> tuple[to
 def quantize_act_dual(x: torch.Tensor, pow2_scales: bool = False):
     """(quantize_act_1x128(x), quantize_act_128x1_t(x)): both operands of x's GEMMs in a training
     step (fprop and wgrad for an input, dgrad and wgrad for an output grad). On CUDA, ``_DUAL_IMPL``
-    picks the two Triton kernels or ``triton_fp8.quantize_dual``, one kernel that reads x once
-    (same bits either way). "auto" follows the H200 timings of bench/fp8_probe.py: the fused kernel
-    wins up to 2^26 elements (16384x4096: 0.12 vs 0.19 ms, 32768x2048: 0.12 vs 0.18 ms), the two
-    kernels above (32768x4096: 0.22 vs 0.24 ms, 32768x7168: 0.38 vs 0.41 ms)."""
-    fused = _DUAL_IMPL == "fused" or (_DUAL_IMPL == "auto" and x.numel() <= _FUSED_DUAL_MAX_NUMEL)
-    if fused and _triton_ok(x) and x.dim() == 2:
+    picks ``triton_fp8.quantize_dual`` (x read from DRAM once; the faster at every shape the H200
+    probe measured, see there) or the two Triton kernels (x read twice). Same bits either way."""
+    if _DUAL_IMPL == "fused" and _triton_ok(x) and x.dim() == 2:
         _check_divisible(x.shape, 1, BLOCK, "1x128")
         from miles_lib.precision import triton_fp8
         return triton_fp8.quantize_dual(x, pow2_scales)

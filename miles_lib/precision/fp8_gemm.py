@@ -9,9 +9,9 @@ Design note.
   * A always has 1x128 tiles ([M, K/128] scales). B has 128x128 blocks (a weight; fprop and dgrad)
     or 1x128 tiles ([N, K/128] scales; the wgrad GEMM, whose K is the token dim).
   * Backends. ``reference``: dequantize both operands, multiply in fp32 — the CPU path and the
-    exactness reference. CUDA dense: cuBLAS block-wise scaling (``torch.nn.functional.scaled_mm``
-    with ScalingType.BlockWise1x128 / BlockWise128x128 where that exists, else ``torch._scaled_mm``,
-    which infers the recipe from the scale shapes). cuBLAS wants A row-major, B column-major
+    exactness reference. CUDA dense: cuBLAS block-wise scaling, through ``torch._scaled_mm`` (the
+    recipe inferred from the scale shapes) or ``torch.nn.functional.scaled_mm`` (ScalingType
+    BlockWise1x128 / BlockWise128x128), whichever reproduces the reference (see ``_apis``). cuBLAS wants A row-major, B column-major
     (B^T row-major, i.e. our [N, K] tensor), 1x128 scales outer-dim-major (stride (1, M)) and
     128x128 scales row-major; the exact layout a given torch accepts is found once per device by
     checking the candidates against the reference on a small problem (so torch 2.11 and 2.13
@@ -78,10 +78,13 @@ def _outer_major(s: torch.Tensor) -> torch.Tensor:
 
 def _row_major_padded(s: torch.Tensor, keep_padding: bool) -> torch.Tensor:
     """[R, C] row-major with the row length rounded up to 4 (torch 2.11 wants the K blocks of a
-    128x128 scale padded so); the padding columns are kept in the shape or only in the stride."""
-    C4 = -(-s.shape[1] // 4) * 4
-    buf = s.new_ones(s.shape[0], C4)
-    buf[:, : s.shape[1]] = s
+    128x128 scale padded so); the padding columns are kept in the shape or only in the stride.
+    The weight quantization kernel writes this copy next to the scales (``s._cublas_padded``);
+    other scales are copied here."""
+    buf = getattr(s, "_cublas_padded", None)
+    if buf is None:
+        buf = s.new_ones(s.shape[0], -(-s.shape[1] // 4) * 4)
+        buf[:, : s.shape[1]] = s
     return buf if keep_padding else buf[:, : s.shape[1]]
 
 
@@ -115,8 +118,12 @@ _CUBLAS: dict[tuple[str, bool], tuple[str, int] | None] = {}
 
 
 def _apis() -> list[str]:
+    """Entry points in the order the probe tries them. ``torch._scaled_mm`` infers the recipe from
+    the scale shapes: on torch 2.11 (H200) it serves the 1x128 x 1x128 wgrad, and it accepts
+    128x128 weight scales without an error but computes something else, so the probe's reference
+    check, not the absence of an error, decides (there ``F.scaled_mm`` is picked)."""
     import torch.nn.functional as F
-    return (["F.scaled_mm"] if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType") else []) + ["_scaled_mm"]
+    return ["_scaled_mm"] + (["F.scaled_mm"] if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType") else [])
 
 
 def _probe(device: torch.device, rowwise_b: bool) -> tuple[str, int] | None:

@@ -5,8 +5,9 @@ fp32 accumulation (shape legend: M tokens, K in-features, N out-features, E expe
     fprop  y_MN  = Q1x128(x_MK)    . Q128x128(W_NK)^T          contract K
     dgrad  dx_MK = Q1x128(dy_MN)   . Q128x128(W_NK)^T-blocks   contract N  (W's blocks transposed)
     wgrad  dW_NK = Q128x1(dy_MN)^T . Q128x1(x_MK)              contract M  (tiles along tokens)
-The forward saves the FP8 weight and the 128x1-quantized x (half the bytes of a bf16 x), so the
-backward never re-reads x in high precision. The master weight stays in its own dtype (bf16/fp32)
+The forward saves the dgrad operand (W's FP8 blocks transposed, written by the same kernel that
+quantizes W for fprop, from one read of W) and the 128x1-quantized x (half the bytes of a bf16 x),
+so the backward never re-reads x or W in high precision. The master weight stays in its own dtype (bf16/fp32)
 and its gradient is returned in that dtype. Outputs are in x's dtype. Inference (no grad needed)
 skips the wgrad operand. Grouped: the same three GEMMs per expert over the expert-sorted rows
 (``offs_E``), run by one grouped kernel on the GPU and by the dequantized reference on the CPU.
@@ -17,7 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from miles_lib.precision.fp8 import quantize_act_1x128, quantize_act_128x1_t, quantize_act_dual, quantize_weight_128x128
+from miles_lib.precision.fp8 import (quantize_act_1x128, quantize_act_128x1_t, quantize_act_dual,
+                                     quantize_weight_128x128, quantize_weight_128x128_both)
 from miles_lib.precision.fp8_gemm import fp8_mm, grouped_fp8_mm, grouped_fp8_wgrad
 
 
@@ -27,41 +29,37 @@ def _cache_allowed() -> bool:
                 and torch.distributed.get_world_size() > 1)
 
 
-def _transposed(q: torch.Tensor, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dgrad operand: the last two dims of the quantized weight and its block scales swapped."""
-    return q.transpose(-2, -1).contiguous(), s.transpose(-2, -1).contiguous()
-
-
-def quantized_weight(w: torch.Tensor, pow2_scales: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q128x128(w), computed once per weight value: cached on the tensor and reused while its
-    storage and version counter are unchanged (an optimizer step or a weight sync bumps the
+def quantized_weight(w: torch.Tensor, pow2_scales: bool, for_dgrad: bool = False):
+    """Q128x128(w) (and, for_dgrad, also the dgrad operand: the same blocks transposed, as
+    ``(q, s), (q^T, s^T)``), computed once per weight value: cached on the tensor and reused while
+    its storage and version counter are unchanged (an optimizer step or a weight sync bumps the
     version). So the rollout engine quantizes each weight once per weight sync, and the trainer
-    once per optimizer step instead of once per micro-batch."""
+    once per optimizer step instead of once per micro-batch. Both orientations come from one
+    kernel reading w once; inference never asks for (or stores) the transpose."""
     if not _cache_allowed() or not isinstance(w, nn.Parameter):
-        return quantize_weight_128x128(w, pow2_scales)
+        return quantize_weight_128x128_both(w, pow2_scales) if for_dgrad else quantize_weight_128x128(w, pow2_scales)
     key = (w.data_ptr(), w._version, pow2_scales, w.dtype)
     cache = getattr(w, "_fp8_cache", None)
-    if cache is None or cache["key"] != key:
+    if cache is None or cache["key"] != key or (for_dgrad and "qt" not in cache):
         with torch.inference_mode(False), torch.no_grad():  # normal tensors: autograd may save them
-            cache = {"key": key, "q": quantize_weight_128x128(w.detach(), pow2_scales)}
+            if for_dgrad:
+                q, qt = quantize_weight_128x128_both(w.detach(), pow2_scales)
+                cache = {"key": key, "q": q, "qt": qt}
+            else:
+                cache = {"key": key, "q": quantize_weight_128x128(w.detach(), pow2_scales)}
         w._fp8_cache = cache
-    return cache["q"]
-
-
-def weight_for_dgrad(w: torch.Tensor, qw: torch.Tensor, sw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The dgrad operand (the quantized weight with its last two dims swapped, scales too), cached
-    next to ``qw`` when ``qw`` came from the cache of ``w``."""
-    cache = getattr(w, "_fp8_cache", None)
-    if cache is None or cache["q"][0] is not qw:
-        return _transposed(qw, sw)
-    if "qt" not in cache:
-        with torch.inference_mode(False), torch.no_grad():
-            cache["qt"] = _transposed(qw, sw)
-    return cache["qt"]
+    return (cache["q"], cache["qt"]) if for_dgrad else cache["q"]
 
 
 def _grad_dtype(w: torch.Tensor) -> torch.dtype:
     return w.dtype if w.dtype in (torch.float32, torch.bfloat16) else torch.float32
+
+
+def _weight_operands(w, pow2: bool, need_dgrad: bool):
+    """(fprop operand, dgrad operand or (None, None))."""
+    if need_dgrad:
+        return quantized_weight(w, pow2, for_dgrad=True)
+    return quantized_weight(w, pow2), (None, None)
 
 
 def _quantize_input(x, pow2: bool, need_wgrad: bool):
@@ -83,20 +81,19 @@ class _Fp8LinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MK, w_NK, pow2_scales: bool):
         (qx, sx), (qxt, sxt) = _quantize_input(x_MK, pow2_scales, ctx.needs_input_grad[1])
-        qw, sw = quantized_weight(w_NK, pow2_scales)
+        (qw, sw), (qwt, swt) = _weight_operands(w_NK, pow2_scales, ctx.needs_input_grad[0])
         y = fp8_mm(qx, sx, qw, sw, out_dtype=x_MK.dtype)
-        ctx.save_for_backward(qw, sw, qxt, sxt)
-        ctx.pow2, ctx.w_dtype, ctx.M, ctx.weight = pow2_scales, _grad_dtype(w_NK), x_MK.shape[0], w_NK
+        ctx.save_for_backward(qwt, swt, qxt, sxt)
+        ctx.pow2, ctx.w_dtype = pow2_scales, _grad_dtype(w_NK)
         return y
 
     @staticmethod
     def backward(ctx, dy_MN):
-        qw, sw, qxt, sxt = ctx.saved_tensors
+        qwt, swt, qxt, sxt = ctx.saved_tensors
         dy_MN = dy_MN.contiguous()
         dx = dw = None
         (qdy, sdy), (qdyt, sdyt) = _quantize_grad(dy_MN, ctx.pow2, ctx.needs_input_grad[:2])
         if ctx.needs_input_grad[0]:
-            qwt, swt = weight_for_dgrad(ctx.weight, qw, sw)
             dx = fp8_mm(qdy, sdy, qwt, swt, out_dtype=dy_MN.dtype)
         if ctx.needs_input_grad[1]:
             dw = fp8_mm(qdyt, sdyt, qxt, sxt, out_dtype=ctx.w_dtype)
@@ -151,20 +148,19 @@ class _Fp8GroupedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MK, w_ENK, offs_E, pow2_scales: bool):
         (qx, sx), (qxt, sxt) = _quantize_input(x_MK, pow2_scales, ctx.needs_input_grad[1])
-        qw, sw = quantized_weight(w_ENK, pow2_scales)
+        (qw, sw), (qwt, swt) = _weight_operands(w_ENK, pow2_scales, ctx.needs_input_grad[0])
         y = grouped_fp8_mm(qx, sx, qw, sw, offs_E, out_dtype=x_MK.dtype)
-        ctx.save_for_backward(qw, sw, qxt, sxt, offs_E)
-        ctx.pow2, ctx.w_dtype, ctx.weight = pow2_scales, _grad_dtype(w_ENK), w_ENK
+        ctx.save_for_backward(qwt, swt, qxt, sxt, offs_E)
+        ctx.pow2, ctx.w_dtype = pow2_scales, _grad_dtype(w_ENK)
         return y
 
     @staticmethod
     def backward(ctx, dy_MN):
-        qw, sw, qxt, sxt, offs_E = ctx.saved_tensors
+        qwt, swt, qxt, sxt, offs_E = ctx.saved_tensors
         dy_MN = dy_MN.contiguous()
         dx = dw = None
         (qdy, sdy), (qdyt, sdyt) = _quantize_grad(dy_MN, ctx.pow2, ctx.needs_input_grad[:2])
         if ctx.needs_input_grad[0]:
-            qwt, swt = weight_for_dgrad(ctx.weight, qw, sw)
             dx = grouped_fp8_mm(qdy, sdy, qwt, swt, offs_E, out_dtype=dy_MN.dtype)
         if ctx.needs_input_grad[1]:
             dw = grouped_fp8_wgrad(qdyt, sdyt, qxt, sxt, offs_E, out_dtype=ctx.w_dtype)

@@ -8,8 +8,9 @@ Design note.
     equals the torch ops bit for bit for finite x; they read the input once instead of ~8 unfused
     passes. 1x128 scales are written outer-dim-major ([K/128, M] in memory, returned as its
     transpose), the layout cuBLAS reads without a copy. The 128x1 kernel writes its tile
-    transposed. ``quantize_dual`` does both from one read of each 128x128 tile (1x128 needs all
-    128 columns of a row, 128x1 all 128 rows of a column, so the tile is the unit).
+    transposed. ``quantize_dual`` does both with x read from DRAM once (1x128 needs all 128 columns
+    of a row, 128x1 all 128 rows of a column, so a 128x128 tile is the unit): two programs with
+    adjacent ids take the same tile, one quantization each, and the second read hits L2.
   * Cost per element: these kernels are bound by instruction issue as much as by bandwidth
     (~25 SASS instructions per element with ``div.rn``, 2 bytes read + 1 written). Three things
     keep the count down:
@@ -208,42 +209,67 @@ def _quant_dual_tile_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, strid
 
 
 @triton.jit
-def _quant_dual_chunked_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, stride_xm, POW2: tl.constexpr,
-                               FAST_DIV: tl.constexpr, G: tl.constexpr, RB: tl.constexpr):
-    """Program (kb, mb): one 128x128 tile of x in RB-row chunks, two passes: (1) the column amax;
-    (2) per chunk, re-read from cache, both quantizations. Registers hold one chunk, not the tile."""
-    kb = tl.program_id(0)
-    mb = tl.program_id(1)
-    rk = kb * 128 + tl.arange(0, 128)
-    col_amax = tl.zeros((RB, 128), tl.float32)
-    for c in tl.range(0, 128 // RB):
-        x = _load_rows(x_ptr, mb * 128 + c * RB, rk, M, K, stride_xm, RB, G, "evict_last")
-        col_amax = tl.maximum(col_amax, tl.abs(x.to(tl.float32)))
-    st = _scale(tl.max(col_amax, axis=0), POW2)
-    divisor_t = _divisor(st, FAST_DIV)
-    tl.store(st_ptr + mb * K + rk, st)
-    for c in tl.range(0, 128 // RB):
-        rm = mb * 128 + c * RB + tl.arange(0, RB)
-        x = _load_rows(x_ptr, mb * 128 + c * RB, rk, M, K, stride_xm, RB, G, "evict_first")
-        q, s = _quantize(x, 1, POW2, FAST_DIV)
+def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, stride_xm, POW2: tl.constexpr,
+                              FAST_DIV: tl.constexpr, G: tl.constexpr, SUB: tl.constexpr):
+    """Programs 2t and 2t + 1 take the same 128x128 tile t: the first quantizes it 1x128, the
+    second 128x1 (transposed, in SUB-column slices). The pair runs at about the same time, so the
+    second read of the tile is served by L2: x comes from DRAM once, and each program holds only
+    one quantization's registers (the tile kernel holds both)."""
+    pid = tl.program_id(0)
+    t = pid // 2
+    nkb = K // 128
+    mb = t // nkb
+    kb = t % nkb
+    rm = mb * 128 + tl.arange(0, 128)
+    if pid % 2 == 0:
+        rk_rows = kb * 128 + tl.arange(0, 128)
+        x_rows = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk_rows[None, :], mask=rm[:, None] < M,
+                         other=0.0)
+        q, s = _quantize(x_rows, 1, POW2, FAST_DIV)
         _store_1x128(q_ptr, s_ptr, q, s, rm, kb, M, K)
-        _store_128x1_t(qt_ptr, _divide(x.to(tl.float32), st, divisor_t, 0, FAST_DIV), rm, rk, K, Mp)
+    else:
+        for h in tl.static_range(128 // SUB):
+            rk_cols = kb * 128 + h * SUB + tl.arange(0, SUB)
+            x_cols = _load_rows(x_ptr, mb * 128, rk_cols, M, K, stride_xm, 128, G, "")
+            qt, st = _quantize(x_cols, 0, POW2, FAST_DIV)
+            _store_128x1_t(qt_ptr, qt, rm, rk_cols, K, Mp)
+            tl.store(st_ptr + mb * K + rk_cols, st)
 
 
 @triton.jit
-def _quant_128x128_kernel(w_ptr, q_ptr, s_ptr, N, K, POW2: tl.constexpr):
+def _quant_128x128_kernel(w_ptr, q_ptr, s_ptr, sp_ptr, qt_ptr, st_ptr, stp_ptr, N, K, SP_ROW, STP_ROW,
+                          POW2: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """Program (e N/128 + nb, kb): one 128x128 block of w [E, N, K] -> q and its scale, into s
+    [E, N/128, K/128] and into sp, the same rows padded to SP_ROW (a multiple of 4; the last block
+    of a row writes 1 into the padding). With TRANSPOSE also q^T [E, K, N], st and stp likewise."""
     pid = tl.program_id(0)  # over E * N/128 row blocks
     kb = tl.program_id(1)
     nbs = N // 128
+    kbs = K // 128
     e = pid // nbs
-    rn = (pid % nbs) * 128 + tl.arange(0, 128)
+    nb = pid % nbs
+    rn = nb * 128 + tl.arange(0, 128)
     rk = kb * 128 + tl.arange(0, 128)
     offs = e.to(tl.int64) * N * K + rn[:, None].to(tl.int64) * K + rk[None, :]
     w = tl.load(w_ptr + offs).to(tl.float32)
     s = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
     q = tl.clamp(tl.math.div_rn(w, tl.zeros((128, 128), tl.float32) + s), -448.0, 448.0)
     tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty))
-    tl.store(s_ptr + pid * (K // 128) + kb, s)
+    tl.store(s_ptr + pid * kbs + kb, s)
+    pad = tl.arange(0, 4)
+    tl.store(sp_ptr + pid * SP_ROW + kb, s)
+    if kb == kbs - 1:
+        tl.store(sp_ptr + pid * SP_ROW + kbs + pad, tl.full((4,), 1.0, tl.float32), mask=kbs + pad < SP_ROW)
+    if TRANSPOSE:  # the block again, read along N (from L1/L2), quantized with the same s: q^T
+        wt = tl.load(w_ptr + e.to(tl.int64) * N * K + rn[None, :].to(tl.int64) * K + rk[:, None]).to(tl.float32)
+        qt = tl.clamp(tl.math.div_rn(wt, tl.zeros((128, 128), tl.float32) + s), -448.0, 448.0)
+        tl.store(qt_ptr + e.to(tl.int64) * N * K + rk[:, None].to(tl.int64) * N + rn[None, :],
+                 qt.to(qt_ptr.dtype.element_ty))
+        row_t = e * kbs + kb
+        tl.store(st_ptr + row_t * nbs + nb, s)
+        tl.store(stp_ptr + row_t * STP_ROW + nb, s)
+        if nb == nbs - 1:
+            tl.store(stp_ptr + row_t * STP_ROW + nbs + pad, tl.full((4,), 1.0, tl.float32), mask=nbs + pad < STP_ROW)
 
 
 def _row_major_input(x: torch.Tensor) -> torch.Tensor:
@@ -300,38 +326,57 @@ def quantize_128x1_t(x: torch.Tensor, pow2_scales: bool, *, block_k: int = 64, n
     return qt, st_buf.t()
 
 
-def quantize_dual(x: torch.Tensor, pow2_scales: bool, *, rows_per_chunk: int = 128, num_warps: int = 8,
-                  max_registers: int | None = 128, fast_div: bool | None = None):
-    """(quantize_1x128(x), quantize_128x1_t(x)) bit for bit, reading x once (K a multiple of 128).
+def quantize_dual(x: torch.Tensor, pow2_scales: bool, *, paired_sub: int | None = 64, num_warps: int = 4,
+                  max_registers: int | None = None, fast_div: bool | None = None):
+    """(quantize_1x128(x), quantize_128x1_t(x)) bit for bit, reading x from DRAM once (K a multiple
+    of 128).
 
-    One program per 128x128 tile: rows_per_chunk=128 holds the tile in registers; 32 or 64 walks
-    it in chunks of that many rows, twice (column amax, then both quantizations; the second pass
-    re-reads the tile from L1/L2). max_registers caps registers per thread (ptxas maxnreg). The
-    defaults were the fastest variant on the H200 (bench/fp8_probe.py)."""
+    ``paired_sub`` (32, 64 or 128): two programs per 128x128 tile, one per quantization, the 128x1
+    one in slices of that many columns (``_quant_dual_paired_kernel``); None: one program per tile
+    holding it in registers for both (``_quant_dual_tile_kernel``, best with num_warps=8,
+    max_registers=128). max_registers caps registers per thread (ptxas maxnreg). The defaults were
+    the fastest on the H200 at every measured shape (bench/fp8_probe.py: 32768x7168 0.356 ms vs
+    0.371 for the two kernels and 0.41 for the tile kernel; 32768x2048 0.107 vs 0.111 / 0.122)."""
     x = _row_major_input(x)
     M, K = x.shape
     q, s_buf = _alloc_1x128(M, K, x.device)
     qt, st_buf = _alloc_128x1_t(M, K, x.device)
     Mp = qt.shape[1]
     args = (x, q, s_buf, qt, st_buf, M, K, Mp, x.stride(0))
-    meta = {"POW2": pow2_scales, "FAST_DIV": _fast_div(fast_div), "num_warps": num_warps, "maxnreg": max_registers,
-            "G": _rows_per_rep(x, BLOCK, num_warps, rows_per_chunk)}
-    grid = (K // BLOCK, Mp // BLOCK)
-    if rows_per_chunk == BLOCK:
-        _quant_dual_tile_kernel[grid](*args, **meta)
+    meta = {"POW2": pow2_scales, "FAST_DIV": _fast_div(fast_div), "num_warps": num_warps, "maxnreg": max_registers}
+    tiles = (K // BLOCK) * (Mp // BLOCK)
+    if paired_sub is not None:
+        _quant_dual_paired_kernel[(2 * tiles,)](*args, G=_rows_per_rep(x, paired_sub, num_warps, BLOCK),
+                                                SUB=paired_sub, **meta)
     else:
-        _quant_dual_chunked_kernel[grid](*args, RB=rows_per_chunk, **meta)
+        _quant_dual_tile_kernel[(K // BLOCK, Mp // BLOCK)](*args, G=_rows_per_rep(x, BLOCK, num_warps, BLOCK), **meta)
     return (q, s_buf.t()), (qt, st_buf.t())
 
 
-def quantize_128x128(w: torch.Tensor, pow2_scales: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _scales_128x128(lead: list[int], rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scales [*lead, rows, cols] and a copy with its rows padded to a multiple of 4 (padding
+    1), cuBLAS's 128x128 scale layout, attached as ``s._cublas_padded`` for ``fp8_gemm``."""
+    s = torch.empty(*lead, rows, cols, dtype=torch.float32, device=device)
+    s._cublas_padded = torch.empty(*lead, rows, -(-cols // 4) * 4, dtype=torch.float32, device=device)
+    return s, s._cublas_padded
+
+
+def quantize_128x128(w: torch.Tensor, pow2_scales: bool, with_transpose: bool = False):
+    """w [..., N, K] -> (q, s [..., N/128, K/128]); with_transpose also (q^T [..., K, N], s^T) from
+    the same read of w (the dgrad operand), returned as ((q, s), (q^T, s^T))."""
     w = w.contiguous()
     *lead, N, K = w.shape
     E = w.shape[0] if lead else 1
     q = torch.empty_like(w, dtype=FP8)
-    s = torch.empty(*lead, N // BLOCK, K // BLOCK, dtype=torch.float32, device=w.device)
-    _quant_128x128_kernel[(E * (N // BLOCK), K // BLOCK)](w, q, s, N, K, POW2=pow2_scales, num_warps=8)
-    return q, s
+    s, sp = _scales_128x128(lead, N // BLOCK, K // BLOCK, w.device)
+    if with_transpose:
+        qt = torch.empty(*lead, K, N, dtype=FP8, device=w.device)
+        st, stp = _scales_128x128(lead, K // BLOCK, N // BLOCK, w.device)
+    else:
+        qt, st, stp = q, s, sp  # not written (TRANSPOSE=False)
+    _quant_128x128_kernel[(E * (N // BLOCK), K // BLOCK)](w, q, s, sp, qt, st, stp, N, K, sp.shape[-1], stp.shape[-1],
+                                                          POW2=pow2_scales, TRANSPOSE=with_transpose, num_warps=8)
+    return ((q, s), (qt, st)) if with_transpose else (q, s)
 
 
 # ---------------------------------------------------------------------------------------------
