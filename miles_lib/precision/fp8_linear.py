@@ -7,8 +7,8 @@ fp32 accumulation (shape legend: M tokens, K in-features, N out-features, E expe
     wgrad  dW_NK = Q128x1(dy_MN)^T . Q128x1(x_MK)              contract M  (tiles along tokens)
 The forward saves the dgrad operand (W's FP8 blocks transposed, written by the same kernel that
 quantizes W for fprop, from one read of W) and the 128x1-quantized x (half the bytes of a bf16 x),
-so the backward never re-reads x or W in high precision. The master weight stays in its own dtype (bf16/fp32)
-and its gradient is returned in that dtype. Outputs are in x's dtype. Inference (no grad needed)
+so the backward never re-reads x or W in high precision. The master weight stays in its own dtype
+(bf16/fp32) and its gradient is returned in that dtype. Outputs are in x's dtype. Inference (no grad needed)
 skips the wgrad operand. Grouped: the same three GEMMs per expert over the expert-sorted rows
 (``offs_E``), run by one grouped kernel on the GPU and by the dequantized reference on the CPU.
 """

@@ -260,7 +260,9 @@ def _quant_128x128_kernel(w_ptr, q_ptr, s_ptr, sp_ptr, qt_ptr, st_ptr, stp_ptr, 
     tl.store(sp_ptr + pid * SP_ROW + kb, s)
     if kb == kbs - 1:
         tl.store(sp_ptr + pid * SP_ROW + kbs + pad, tl.full((4,), 1.0, tl.float32), mask=kbs + pad < SP_ROW)
-    if TRANSPOSE:  # the block again, read along N (from L1/L2), quantized with the same s: q^T
+    # q^T: the block read again along N (from L1/L2) and quantized with the same s. Not tl.trans(q):
+    # on the H200 (Triton 3.6) that transpose of the e4m3 block wrote corrupt rows here.
+    if TRANSPOSE:
         wt = tl.load(w_ptr + e.to(tl.int64) * N * K + rn[None, :].to(tl.int64) * K + rk[:, None]).to(tl.float32)
         qt = tl.clamp(tl.math.div_rn(wt, tl.zeros((128, 128), tl.float32) + s), -448.0, 448.0)
         tl.store(qt_ptr + e.to(tl.int64) * N * K + rk[:, None].to(tl.int64) * N + rn[None, :],
