@@ -91,7 +91,7 @@ def bench_linear(M, K, N, dev, iters):
         f_bf16 = timeit(lambda: F.linear(xd, wd), dev, iters)
         f_fp8 = timeit(lambda: fp8_linear(xd, wd), dev, iters)
         qx, sx = fp8.quantize_act_1x128(xd)
-        (qw, sw), (qwt, swt) = fp8.quantize_weight_128x128_both(wd)  # as fp8_linear
+        (qw, sw), (qwt, swt) = fp8.quantize_weight_128x128(wd, with_transpose=True)  # as fp8_linear
         t_gemm = timeit(lambda: fp8_gemm.fp8_mm(qx, sx, qw, sw, torch.bfloat16), dev, iters)
         (qdy, sdy), (qdyt, sdyt) = fp8.quantize_act_dual(dy)
         t_dgrad = timeit(lambda: fp8_gemm.fp8_mm(qdy, sdy, qwt, swt, torch.bfloat16), dev, iters)

@@ -188,7 +188,7 @@ def probe_gemm(M: int, K: int, N: int) -> dict:
     dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16)
     (qx, sx), (qxt, sxt) = fp8.quantize_act_1x128(x), fp8.quantize_act_128x1_t(x)
     (qdy, sdy), (qdyt, sdyt) = fp8.quantize_act_1x128(dy), fp8.quantize_act_128x1_t(dy)
-    (qw, sw), (qwt, swt) = fp8.quantize_weight_128x128_both(w)  # as fp8_linear
+    (qw, sw), (qwt, swt) = fp8.quantize_weight_128x128(w, with_transpose=True)  # as fp8_linear
     bf = torch.bfloat16
     fp8_calls = {
         "fprop": lambda: fp8_gemm.fp8_mm(qx, sx, qw, sw, bf),

@@ -170,8 +170,8 @@ def test_gpu_quantization_is_bitwise_equal_to_cpu(pow2):
         assert torch.equal(part_c[1], part_g[1].cpu())
     # the weight and its dgrad transpose from one kernel; the cuBLAS copy of the scales padded with 1
     for wt in (w, w[0, :, :640].contiguous(), w[1, :384].bfloat16()):
-        for (qc, sc), (qg, sg) in zip(fp8.quantize_weight_128x128_both(wt, pow2),
-                                      fp8.quantize_weight_128x128_both(wt.cuda(), pow2)):
+        for (qc, sc), (qg, sg) in zip(fp8.quantize_weight_128x128(wt, pow2, True),
+                                      fp8.quantize_weight_128x128(wt.cuda(), pow2, True)):
             assert torch.equal(qc.view(torch.uint8), qg.cpu().view(torch.uint8)) and torch.equal(sc, sg.cpu())
             padded = sg._cublas_padded.cpu()
             assert padded.shape[-1] % 4 == 0 and torch.equal(padded[..., : sc.shape[-1]], sc)
@@ -180,7 +180,7 @@ def test_gpu_quantization_is_bitwise_equal_to_cpu(pow2):
 
 def test_weight_and_its_dgrad_transpose_share_blocks():
     w = torch.randn(2, 256, 640, generator=torch.Generator().manual_seed(9))
-    (q, s), (qt, st) = fp8.quantize_weight_128x128_both(w)
+    (q, s), (qt, st) = fp8.quantize_weight_128x128(w, with_transpose=True)
     assert torch.equal(q.view(torch.uint8), fp8.quantize_weight_128x128(w)[0].view(torch.uint8))
     assert qt.shape == (2, 640, 256) and st.shape == (2, 5, 2)
     assert torch.equal(qt.view(torch.uint8), q.transpose(1, 2).view(torch.uint8)) and torch.equal(st, s.transpose(1, 2))

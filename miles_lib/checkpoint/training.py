@@ -235,11 +235,10 @@ def convert_hf_to_training(hf_uri: str, out_uri: str) -> str:
     checkpoint is dequantized to bfloat16 (its quantization_config is dropped from config.json)."""
     from miles_lib.precision.fp8_checkpoint import register_fp8_loader
     register_fp8_loader()  # an FP8 source checkpoint is dequantized on load
-    from miles_lib.model.hf_io import load_hf_tensors, read_config_dict
+    from miles_lib.model.hf_io import load_hf_tensors, read_config
     from miles_lib.model.hf_keys import hf_to_internal
 
-    hf_config = read_config_dict(hf_uri)
-    cfg = ModelConfig.from_hf_dict(hf_config, source=storage.join(hf_uri, "config.json"))
+    cfg, hf_config = read_config(hf_uri)
     state = hf_to_internal(load_hf_tensors(hf_uri, cfg, hf_config=hf_config), cfg)
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)

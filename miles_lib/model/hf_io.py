@@ -102,6 +102,12 @@ def read_config_dict(uri: str) -> dict:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
 
 
+def read_config(uri: str) -> tuple[ModelConfig, dict]:
+    """(the ModelConfig, the raw config.json dict) of the HF checkpoint at ``uri``."""
+    hf_config = read_config_dict(uri)
+    return ModelConfig.from_hf_dict(hf_config, source=storage.join(uri, "config.json")), hf_config
+
+
 def _shard_files(uri: str) -> list[str]:
     index_uri = storage.join(uri, INDEX)
     if storage.exists(index_uri):
@@ -162,8 +168,7 @@ def load_pretrained(uri: str, dtype: torch.dtype | None = None, device=None):
     from miles_lib.model.layers import RotaryEmbedding
     from miles_lib.model.modeling import MoEForCausalLM
 
-    hf_config = read_config_dict(uri)
-    cfg = ModelConfig.from_hf_dict(hf_config, source=storage.join(uri, "config.json"))
+    cfg, hf_config = read_config(uri)
     tensors = load_hf_tensors(uri, cfg, dtype, hf_config)
     state = hf_to_internal(tensors, cfg)
     with torch.device("meta"):

@@ -103,25 +103,20 @@ def quantize_act_1x128(x: torch.Tensor, pow2_scales: bool = False) -> tuple[torc
     return quantize_blockwise(x, 1, BLOCK, pow2_scales)
 
 
-def quantize_weight_128x128(w: torch.Tensor, pow2_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [N, K] or [E, N, K] -> (q, s [..., N/128, K/128]): one scale per 128x128 block."""
+def quantize_weight_128x128(w: torch.Tensor, pow2_scales: bool = False, with_transpose: bool = False):
+    """w [N, K] or [E, N, K] -> (q, s [..., N/128, K/128]): one scale per 128x128 block.
+
+    ``with_transpose``: ((q, s), (q^T, s^T)), also the dgrad operand (the last two dims swapped; a
+    block's scale does not depend on the orientation, so it is the transpose of the first, bit for
+    bit). On CUDA one kernel writes both from one read of w."""
     _check_divisible(w.shape, BLOCK, BLOCK, "128x128")
     if _triton_ok(w) and w.dim() in (2, 3):
         from miles_lib.precision import triton_fp8
-        return triton_fp8.quantize_128x128(w, pow2_scales)
-    return quantize_blockwise(w, BLOCK, BLOCK, pow2_scales)
-
-
-def quantize_weight_128x128_both(w: torch.Tensor, pow2_scales: bool = False):
-    """(quantize_weight_128x128(w), the same with the last two dims swapped): the fprop operand and
-    the dgrad operand (W^T; a 128x128 block's scale does not depend on the orientation, so this is
-    the transpose of the first, bit for bit). On CUDA one kernel writes both from one read of w."""
-    _check_divisible(w.shape, BLOCK, BLOCK, "128x128")
-    if _triton_ok(w) and w.dim() in (2, 3):
-        from miles_lib.precision import triton_fp8
-        return triton_fp8.quantize_128x128(w, pow2_scales, with_transpose=True)
+        return triton_fp8.quantize_128x128(w, pow2_scales, with_transpose)
     q, s = quantize_blockwise(w, BLOCK, BLOCK, pow2_scales)
-    return (q, s), (q.transpose(-2, -1).contiguous(), s.transpose(-2, -1).contiguous())
+    if with_transpose:
+        return (q, s), (q.transpose(-2, -1).contiguous(), s.transpose(-2, -1).contiguous())
+    return q, s
 
 
 def pad_rows(x: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -18,8 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from miles_lib.precision.fp8 import (quantize_act_1x128, quantize_act_128x1_t, quantize_act_dual,
-                                     quantize_weight_128x128, quantize_weight_128x128_both)
+from miles_lib.precision.fp8 import quantize_act_1x128, quantize_act_128x1_t, quantize_act_dual, quantize_weight_128x128
 from miles_lib.precision.fp8_gemm import fp8_mm, grouped_fp8_mm, grouped_fp8_wgrad
 
 
@@ -37,17 +36,14 @@ def quantized_weight(w: torch.Tensor, pow2_scales: bool, for_dgrad: bool = False
     once per optimizer step instead of once per micro-batch. Both orientations come from one
     kernel reading w once; inference never asks for (or stores) the transpose."""
     if not _cache_allowed() or not isinstance(w, nn.Parameter):
-        return quantize_weight_128x128_both(w, pow2_scales) if for_dgrad else quantize_weight_128x128(w, pow2_scales)
+        return quantize_weight_128x128(w, pow2_scales, for_dgrad)
     key = (w.data_ptr(), w._version, pow2_scales, w.dtype)
     cache = getattr(w, "_fp8_cache", None)
-    if cache is None or cache["key"] != key or (for_dgrad and "qt" not in cache):
+    if cache is None or cache["key"] != key or (for_dgrad and cache["qt"] is None):
         with torch.inference_mode(False), torch.no_grad():  # normal tensors: autograd may save them
-            if for_dgrad:
-                q, qt = quantize_weight_128x128_both(w.detach(), pow2_scales)
-                cache = {"key": key, "q": q, "qt": qt}
-            else:
-                cache = {"key": key, "q": quantize_weight_128x128(w.detach(), pow2_scales)}
-        w._fp8_cache = cache
+            out = quantize_weight_128x128(w.detach(), pow2_scales, for_dgrad)
+        q, qt = out if for_dgrad else (out, None)
+        cache = w._fp8_cache = {"key": key, "q": q, "qt": qt}
     return (cache["q"], cache["qt"]) if for_dgrad else cache["q"]
 
 
