@@ -7,7 +7,7 @@ take turns (the CPU VM's speed drifts by +-30%; alternating keeps both sides in 
 
     python bench/rollout_throughput.py                                  # tiny config, CPU
     python bench/rollout_throughput.py --config large --device cuda --dtype bfloat16
-    python bench/rollout_throughput.py --compile      # + the engine with compile_decode=True
+    python bench/rollout_throughput.py --compile      # + the engine with compile_decode / compile_prefill
     python bench/rollout_throughput.py --device cuda --cuda-graphs   # + the engine with cuda_graphs=True
 """
 
@@ -52,10 +52,12 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def engine_runner(model, prompts, new_tokens, compile_decode=False, cuda_graphs=False):
-    """A no-argument function running one engine generate (after a warm-up / compile call)."""
+def engine_runner(model, prompts, new_tokens, compile=False, cuda_graphs=False):
+    """A no-argument function running one engine generate (after a warm-up / compile call);
+    ``compile``: decode step and prefill forward compiled."""
     engine = RolloutEngine(model, max_concurrent_seqs=len(prompts), max_seq_len=prompts.shape[1] + new_tokens + 1,
-                           prefill_batch=len(prompts), compile_decode=compile_decode, cuda_graphs=cuda_graphs)
+                           prefill_batch=len(prompts), compile_decode=compile, compile_prefill=compile,
+                           cuda_graphs=cuda_graphs)
     params = SamplingParams(temperature=0.0, max_new_tokens=new_tokens)
     ids = prompts.tolist()
 
@@ -111,7 +113,8 @@ def main() -> None:
     ap.add_argument("--batches", default="1,64")
     ap.add_argument("--repeats", type=int, default=5, help="rounds; engine and transformers alternate, best kept")
     ap.add_argument("--compile", action="store_true",
-                    help="also time the engine with compile_decode=True (compile time reported, not timed)")
+                    help="also time the engine with compile_decode=True and compile_prefill=True "
+                         "(compile time reported, not timed)")
     ap.add_argument("--cuda-graphs", action="store_true", help="also time the engine with cuda_graphs=True (CUDA)")
     args = ap.parse_args()
     if args.device == "cpu":
@@ -125,7 +128,7 @@ def main() -> None:
         runners = {"engine": engine_runner(ours, prompts, args.new_tokens),
                    "transformers": hf_runner(hf, prompts, args.new_tokens, args.device)}
         if args.compile:
-            runners["compiled"] = engine_runner(ours, prompts, args.new_tokens, compile_decode=True)
+            runners["compiled"] = engine_runner(ours, prompts, args.new_tokens, compile=True)
         if args.cuda_graphs:
             runners["cuda_graphs"] = engine_runner(ours, prompts, args.new_tokens, cuda_graphs=True)
         best, outs = best_times(runners, args.repeats, args.device)

@@ -112,7 +112,8 @@ def load_state(checkpoint_uri: str, cfg: GRPOConfig | None = None) -> GRPOState:
         raise ConfigError(f"rollout.cuda_graphs needs a single-process CUDA job (device {device}, {world} "
                           f"processes); set it to false")
     engine = RolloutEngine(engine_model, max_concurrent_seqs=cfg.rollout.max_concurrent_seqs,
-                           compile_decode=cfg.rollout.compile_decode, cuda_graphs=cfg.rollout.cuda_graphs)
+                           compile_decode=cfg.rollout.compile_decode,
+                           compile_prefill=cfg.rollout.compile_prefill, cuda_graphs=cfg.rollout.cuda_graphs)
     state = GRPOState(cfg=cfg, model=model, tokenizer=tokenizer, actor=actor, engine=engine,
                       batcher=batcher)
     if "actor" in extra:  # resuming a cycle output: restore the whole job state

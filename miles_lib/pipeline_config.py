@@ -38,6 +38,7 @@ class RolloutConfig(ConfigBase):
     partial_rollout: bool = False  # stop once prompts_per_step groups finish; resume the rest next step
     over_sample_groups: int = 4  # extra groups in flight when partial_rollout is on
     compile_decode: bool = False  # torch.compile the engine's decode step (one-time compile cost)
+    compile_prefill: bool = False  # torch.compile the engine's prefill forward (one-time compile cost)
     cuda_graphs: bool = False  # CUDA only: replay decode steps from CUDA graphs (single-process jobs)
 
     def __post_init__(self) -> None:

@@ -9,7 +9,8 @@ forward of the same weights computes, to fp32 rounding. One loop iteration is on
               their first token. A resumed partial sample prefills its whole token history.
   * decode -- otherwise: one forward feeding every running sequence its last token, sampler and
               bookkeeping included (decode_step.py: eager, one compiled graph with
-              ``compile_decode``, or replayed from CUDA graphs with ``cuda_graphs``).
+              ``compile_decode``, or replayed from CUDA graphs with ``cuda_graphs``; the prefill
+              forward is compiled with ``compile_prefill``).
   * retire -- a sequence that sampled a stop token (COMPLETED) or reached max_new_tokens or the
               context (TRUNCATED) leaves; the last running sequence moves into its slot, so the
               running ones always fill slots [0, B) (kv_cache.py, slots.py).
@@ -45,7 +46,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from miles_lib.errors import ConfigError
-from miles_lib.rollout.decode_step import CudaGraphDecodeStep, compiled_decode_step, decode_step
+from miles_lib.rollout.decode_step import CudaGraphDecodeStep, compile_step, decode_step, prefill_forward
 from miles_lib.rollout.kv_cache import SlotKVCache
 from miles_lib.rollout.sampling import SamplingParams, request_uniforms, sample_next
 from miles_lib.rollout.slots import SlotState, routes_dtype
@@ -79,7 +80,8 @@ class _Request:
 class RolloutEngine:
     def __init__(self, model: torch.nn.Module, max_concurrent_seqs: int = 256, max_seq_len: int | None = None,
                  max_cache_bytes: int | None = None, prefill_batch: int = 64, max_prefill_tokens: int = 16384,
-                 seed: int = 0, compile_decode: bool = False, cuda_graphs: bool = False) -> None:
+                 seed: int = 0, compile_decode: bool = False, compile_prefill: bool = False,
+                 cuda_graphs: bool = False) -> None:
         cfg = model.config
         for name, v in (("max_concurrent_seqs", max_concurrent_seqs), ("prefill_batch", prefill_batch),
                         ("max_prefill_tokens", max_prefill_tokens)):
@@ -108,9 +110,10 @@ class RolloutEngine:
         self._lock = threading.RLock()  # held for one step at a time; weight updates wait for it
         self._abort = threading.Event()
         self._busy = False
-        # the whole decode step (model, sampler, bookkeeping) as one compiled graph (decode_step.py);
-        # prefill stays eager. A one-time compile (~10-40 s on CPU) for faster CPU decode steps.
-        self._decode_step = compiled_decode_step() if compile_decode else decode_step
+        # the whole decode step (model, sampler, bookkeeping) and / or the prefill forward as compiled
+        # graphs (decode_step.py): a one-time compile (~10-40 s on CPU each) for faster CPU steps
+        self._decode_step = compile_step(decode_step, self.device) if compile_decode else decode_step
+        self._prefill_forward = compile_step(prefill_forward, self.device) if compile_prefill else prefill_forward
         # CUDA: replay decode steps from CUDA graphs (padded batch / window buckets; decode_step.py)
         self._graphs: CudaGraphDecodeStep | None = None
         if cuda_graphs:
@@ -354,12 +357,6 @@ class RolloutEngine:
                                   n_q_heads=c.num_attention_heads)
         self._state = SlotState.allocate(S, L, self.num_moe_layers, self.top_k, c.num_experts, M, self.device)
 
-    def _forward(self, ids: torch.Tensor, pos: torch.Tensor):
-        out = self.model(ids, position_ids=pos, kv_cache=self._cache, return_routing=self.num_moe_layers > 0,
-                         return_hidden=True, compute_logits=False)
-        self._cache.end_step()
-        return out.hidden_states, out.routed_experts
-
     def _prefill(self, waiting: collections.deque[_Request], running: list[_Request]) -> tuple[int, torch.Tensor]:
         """Admit waiting requests into slots [lo, lo + n) and sample their next token; (lo, done_n)."""
         st, lo = self._state, len(running)
@@ -381,9 +378,7 @@ class RolloutEngine:
             st.set_params(lo + b, r.params, r.uniforms, r.max_tokens)
             r.slot, r.start_tokens, r.admit_step = lo + b, int(lens[b]), self._decode_steps
         ids, lens = ids.to(self.device), lens.to(self.device)
-        self._cache.begin_prefill(lo, n)
-        hidden, routing = self._forward(ids, torch.arange(T, device=self.device).expand(n, T))
-        logits = self.model.lm_head(hidden[torch.arange(n, device=self.device), lens - 1])
+        logits, routing = self._prefill_forward(self.model, self._cache, ids, lo, lens - 1, self.num_moe_layers > 0)
         if routing is not None:
             st.routes[lo: lo + n, :T] = routing
             for r in batch:  # a resumed sample keeps the rows recorded when its tokens were generated

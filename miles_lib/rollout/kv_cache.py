@@ -76,7 +76,7 @@ class SlotKVCache:
             T, sl = k.shape[2], slice(self._lo, self._lo + self._n)
             K[sl, :, :T] = k
             V[sl, :, :T] = v
-            return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # T = 1: itself
         if self._mode != "decode":
             raise RuntimeError("SlotKVCache.attend called outside a prefill/decode step")
         Hd = K.shape[-1]
