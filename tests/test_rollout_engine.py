@@ -191,6 +191,14 @@ def test_compiled_decode_matches_teacher_forcing_and_the_eager_engine(model, pro
     finally:
         with torch.no_grad():
             model.model.layers[0].self_attn.q_proj.weight.div_(1.5)
+    # partial rollout: stop once one group is done, resume (the compiled prefill re-feeds histories)
+    uneven = [SamplingParams(temperature=1.0, max_new_tokens=4 + 2 * (i % 4), seed=i) for i in range(len(prompts))]
+    partial = compiled_engine.generate(prompts, uneven, group_ids=[i // 2 for i in range(len(prompts))],
+                                       target_groups=1)
+    assert any(s.status == Status.ABORTED and s.response_length > 0 for s in partial)
+    resumed = compiled_engine.generate_samples(partial, uneven)
+    assert_aligned(model, resumed)
+    assert [s.tokens for s in resumed] == [s.tokens for s in RolloutEngine(model).generate(prompts, uneven)]
     # greedy with stop tokens: another graph of the same step (all-greedy sampler, stop check)
     greedy = [SamplingParams(temperature=0.0, max_new_tokens=8, stop_token_ids=[1, 2])] * len(prompts)
     compiled = compiled_engine.generate(prompts, greedy)
