@@ -3,7 +3,8 @@
 Both sides decode greedily exactly --new-tokens tokens for the same random prompts (no stop
 tokens), at batch 1 and batch 64. Prints ONE JSON object with generated tokens/s for each and the
 ratio engine / transformers: the best of --repeats rounds in which the engine(s) and transformers
-take turns (the CPU VM's speed drifts by +-30%; alternating keeps both sides in the same phase).
+take turns (the CPU VM's speed drifts by +-30%; alternating keeps both sides in the same phase),
+and the median over rounds of the per-round ratio (``*_median_of_rounds``).
 
     python bench/rollout_throughput.py                                  # tiny config, CPU
     python bench/rollout_throughput.py --config large --device cuda --dtype bfloat16
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 
 import torch
@@ -88,10 +90,11 @@ def hf_runner(hf, prompts, new_tokens, device):
     return run
 
 
-def best_times(runners: dict, repeats: int, device: str) -> tuple[dict, dict]:
-    """Best wall time of each runner over ``repeats`` rounds; the runners take turns within a round
-    so a slow phase of a shared machine hits all of them alike. Returns (seconds, last outputs)."""
-    best = {k: float("inf") for k in runners}
+def timed_rounds(runners: dict, repeats: int, device: str) -> tuple[dict, dict]:
+    """Wall time of each runner in each of ``repeats`` rounds; the runners take turns within a round
+    so a slow phase of a shared machine hits all of them alike. Returns ({name: [seconds per
+    round]}, last outputs)."""
+    times = {k: [] for k in runners}
     outs = {}
     for _ in range(repeats):
         for k, run in runners.items():
@@ -99,8 +102,13 @@ def best_times(runners: dict, repeats: int, device: str) -> tuple[dict, dict]:
             t0 = time.perf_counter()
             outs[k] = run()
             sync(device)
-            best[k] = min(best[k], time.perf_counter() - t0)
-    return best, outs
+            times[k].append(time.perf_counter() - t0)
+    return times, outs
+
+
+def median_round_ratio(times: dict, engine: str) -> float:
+    """Median over rounds of transformers' time / the engine's time in the same round."""
+    return statistics.median(h / e for h, e in zip(times["transformers"], times[engine]))
 
 
 def main() -> None:
@@ -131,20 +139,24 @@ def main() -> None:
             runners["compiled"] = engine_runner(ours, prompts, args.new_tokens, compile=True)
         if args.cuda_graphs:
             runners["cuda_graphs"] = engine_runner(ours, prompts, args.new_tokens, cuda_graphs=True)
-        best, outs = best_times(runners, args.repeats, args.device)
-        tps = {k: B * args.new_tokens / t for k, t in best.items()}
+        times, outs = timed_rounds(runners, args.repeats, args.device)
+        tps = {k: B * args.new_tokens / min(t) for k, t in times.items()}
         agree = sum(a == b for a, b in zip(outs["engine"], outs["transformers"])) / B
         row = {"batch": B, "engine_tokens_per_s": round(tps["engine"], 1),
                "transformers_tokens_per_s": round(tps["transformers"], 1),
-               "ratio": round(tps["engine"] / tps["transformers"], 3), "greedy_sequences_identical_frac": agree}
+               "ratio": round(tps["engine"] / tps["transformers"], 3),
+               "ratio_median_of_rounds": round(median_round_ratio(times, "engine"), 3),
+               "greedy_sequences_identical_frac": agree}
         if args.compile:
             row.update({"engine_compiled_tokens_per_s": round(tps["compiled"], 1),
                         "compiled_ratio": round(tps["compiled"] / tps["transformers"], 3),
+                        "compiled_ratio_median_of_rounds": round(median_round_ratio(times, "compiled"), 3),
                         "compile_warmup_s": round(runners["compiled"].warmup_s, 1),
                         "compiled_equals_eager_frac": sum(a == b for a, b in zip(outs["compiled"], outs["engine"])) / B})
         if args.cuda_graphs:
             row.update({"engine_cuda_graphs_tokens_per_s": round(tps["cuda_graphs"], 1),
                         "cuda_graphs_ratio": round(tps["cuda_graphs"] / tps["transformers"], 3),
+                        "cuda_graphs_ratio_median_of_rounds": round(median_round_ratio(times, "cuda_graphs"), 3),
                         "cuda_graphs_equals_eager_frac": sum(a == b for a, b in zip(outs["cuda_graphs"], outs["engine"])) / B})
         results.append(row)
     print(json.dumps({
