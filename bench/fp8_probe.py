@@ -39,6 +39,8 @@ import torch.nn.functional as F
 from miles_lib.precision import fp8, fp8_gemm, triton_fp8
 from miles_lib.precision.fp8_linear import fp8_linear
 
+from fp8_gemm import fwd_bwd  # bench/ sibling: the same training micro-step as the FP8 bench
+
 X_SHAPES = [(32768, 7168), (32768, 4096), (16384, 4096)]
 DY_SHAPES = [(32768, 2048), (32768, 1536)]
 GEMMS = [(32768, 7168, 2048), (32768, 4096, 2048), (16384, 4096, 1536)]  # (M, K, N) of y = x W^T
@@ -222,15 +224,6 @@ def _swapped_diff(qdyt, sdyt, qxt, sxt) -> dict:
 # ---------------------------------------------------------------------------------------------
 # fp8_linear end to end
 # ---------------------------------------------------------------------------------------------
-def _fwd_bwd_step(fn, x, w, dy):
-    def step():
-        x.grad = w.grad = None
-        with torch.no_grad():
-            w.add_(0)  # a new weight version, as after an optimizer step: FP8 re-quantizes it
-        fn().backward(dy)
-    return step
-
-
 def _config_of(variant: str | None, configs: list[dict] | dict) -> dict:
     """The launch config a quant[] variant name stands for ({} when there is none)."""
     if not variant:
@@ -278,11 +271,11 @@ def probe_linear(M: int, K: int, N: int, quant_by_shape: dict) -> dict:
     }
     flops = 6.0 * M * N * K
     out = {"M": M, "K": K, "N": N, "fused_variant": summary.get("fused_best_variant"),
-           "bf16_ms": guarded(cuda_ms, _fwd_bwd_step(lambda: F.linear(x, w), x, w, dy), 20, False)}
+           "bf16_ms": guarded(cuda_ms, fwd_bwd(lambda: F.linear(x, w), (x, w), dy, w), 20, False)}
     for name, setting in settings.items():
         def measure(setting=setting):
             with setting:
-                return cuda_ms(_fwd_bwd_step(lambda: fp8_linear(x, w), x, w, dy), 20, False)
+                return cuda_ms(fwd_bwd(lambda: fp8_linear(x, w), (x, w), dy, w), 20, False)
         ms = guarded(measure)
         out[name] = {"ms": ms, "TFLOP/s": _tflops(flops, ms),
                      "speedup_vs_bf16": (round(out["bf16_ms"] / ms, 3)

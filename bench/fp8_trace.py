@@ -28,6 +28,8 @@ import torch.nn.functional as F
 
 from miles_lib.precision.fp8_linear import fp8_linear
 
+from fp8_gemm import fwd_bwd  # bench/ sibling: the same training micro-step as the FP8 bench
+
 
 def make_step(path: str, M: int, K: int, N: int):
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -35,13 +37,7 @@ def make_step(path: str, M: int, K: int, N: int):
     w = (torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02).requires_grad_()
     dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16, generator=g)
     fn = (lambda: F.linear(x, w)) if path == "bf16" else (lambda: fp8_linear(x, w))
-
-    def step():
-        x.grad = w.grad = None
-        with torch.no_grad():
-            w.add_(0)
-        fn().backward(dy)
-    return step
+    return fwd_bwd(fn, (x, w), dy, w)
 
 
 def trace(step, steps: int = 5) -> dict:
