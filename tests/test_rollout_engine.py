@@ -222,9 +222,9 @@ def test_cuda_graphs_need_a_cuda_model_and_job(model, tmp_path):
 
 
 def test_padded_decode_steps_match_the_unpadded_engine(model, prompts):
-    """What a CUDA graph replays (decode_step.CudaGraphDecodeStep), checked on the CPU: every step
+    """What a CUDA graph replays (steps.CudaGraphDecodeStep), checked on the CPU: every step
     padded to power-of-two batch / window buckets, the padded rows running on free slots."""
-    from miles_lib.rollout.decode_step import decode_step, pad_step
+    from miles_lib.rollout.steps import decode_step, pad_step
 
     def padded_step(model_, cache, st, B, window, sampling, check_stops):
         Bb, Wb, padded = pad_step(st, B, window, sampling)

@@ -8,7 +8,7 @@ forward of the same weights computes, to fp32 rounding. One loop iteration is on
               (at most ``max_prefill_tokens`` padded tokens) in one right-padded forward and sample
               their first token. A resumed partial sample prefills its whole token history.
   * decode -- otherwise: one forward feeding every running sequence its last token, sampler and
-              bookkeeping included (decode_step.py: eager, one compiled graph with
+              bookkeeping included (steps.py: eager, one compiled graph with
               ``compile_decode``, or replayed from CUDA graphs with ``cuda_graphs``; the prefill
               forward is compiled with ``compile_prefill``).
   * retire -- a sequence that sampled a stop token (COMPLETED) or reached max_new_tokens or the
@@ -46,7 +46,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from miles_lib.errors import ConfigError
-from miles_lib.rollout.decode_step import CudaGraphDecodeStep, compile_step, decode_step, prefill_forward
+from miles_lib.rollout.steps import CudaGraphDecodeStep, compile_step, decode_step, prefill_forward
 from miles_lib.rollout.kv_cache import SlotKVCache
 from miles_lib.rollout.sampling import SamplingParams, request_uniforms, sample_next
 from miles_lib.rollout.slots import SlotState, routes_dtype
@@ -111,10 +111,10 @@ class RolloutEngine:
         self._abort = threading.Event()
         self._busy = False
         # the whole decode step (model, sampler, bookkeeping) and / or the prefill forward as compiled
-        # graphs (decode_step.py): a one-time compile (~10-40 s on CPU each) for faster CPU steps
+        # graphs (steps.py): a one-time compile (~10-40 s on CPU each) for faster CPU steps
         self._decode_step = compile_step(decode_step, self.device) if compile_decode else decode_step
         self._prefill_forward = compile_step(prefill_forward, self.device) if compile_prefill else prefill_forward
-        # CUDA: replay decode steps from CUDA graphs (padded batch / window buckets; decode_step.py)
+        # CUDA: replay decode steps from CUDA graphs (padded batch / window buckets; steps.py)
         self._graphs: CudaGraphDecodeStep | None = None
         if cuda_graphs:
             if self.device.type != "cuda":
@@ -394,7 +394,7 @@ class RolloutEngine:
         return lo, st.record(lo, lens, flat, tokens, logp, self._check_stops)
 
     def _decode(self, running: list[_Request]) -> torch.Tensor:
-        """Feed every running sequence its last token; sample the next one (decode_step.py)."""
+        """Feed every running sequence its last token; sample the next one (steps.py)."""
         window = self._max_offset + self._decode_steps  # = max over running of (fed tokens + 1)
         done = self._decode_step(self.model, self._cache, self._state, len(running), window,
                                  self._decode_sampling, self._check_stops)

@@ -17,7 +17,7 @@ the history, no allocation that grows with the sequence. The engine announces ea
 
 Both steps call ``F.scaled_dot_product_attention`` (fp32 accumulation on every backend), with
 ``enable_gqa`` so the G kv heads are never repeated in memory -- except a decode step on the CPU
-compiled by ``torch.compile`` (decode_step.py), which computes
+compiled by ``torch.compile`` (steps.py), which computes
 
     s[b,h,w] = <q[b,h], K[b,g(h),w]> / sqrt(Hd)  (-inf where w > pos_b),  out[b,h] = softmax_w(s) V[b,g(h)]
 
@@ -76,7 +76,7 @@ class SlotKVCache:
             T, sl = k.shape[2], slice(self._lo, self._lo + self._n)
             K[sl, :, :T] = k
             V[sl, :, :T] = v
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # T = 1: itself
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # T = 1: the query sees its own key
         if self._mode != "decode":
             raise RuntimeError("SlotKVCache.attend called outside a prefill/decode step")
         Hd = K.shape[-1]
