@@ -1,6 +1,6 @@
 """GPU probe of the FP8 training path's parts (CUDA only); prints ONE JSON object.
 
-    python3 bench/fp8_probe.py [--sections quant,fast_div,gemm,linear]
+    python3 bench/fp8_probe.py [--sections quant,fast_div,gemm,linear] [--pow2]
 
   quant[]    per bf16 activation x [tokens, hidden] and output grad dy [tokens, ffn]: median ms
              (CUDA events, L2 flushed before each rep) of every launch config of
@@ -18,6 +18,10 @@
              swapped wgrad (dW^T = Qx_t.Qdy_t, returned .t(); and with .contiguous()), and bf16
              torch.mm of the same three GEMMs; ms and TFLOP/s; swapped vs normal wgrad in fp32:
              max|diff| / max|dW| and relative Frobenius difference.
+  cublas_recipes  per block recipe (1x128 x 128x128, 1x128 x 1x128, 128x128 x 1x128): every cuBLAS
+             entry point and scale layout candidate, "ok" / "wrong" / the error it raised.
+  cublas_grouped  whether F.scaled_grouped_mm takes the block-scaled grouped fprop (per scale layout:
+             ms next to the Triton grouped kernel, "wrong", or the error).
   linear[]   fwd+bwd of fp8_linear (y, dx, dW; the weight touched in place every step, as an
              optimizer does, so it is re-quantized) vs bf16 F.linear, per quantization setting:
              (fp8._DUAL_IMPL, triton_fp8.FAST_DIV), the fused setting with the fastest bit-equal
@@ -116,22 +120,24 @@ def _best(results: dict) -> tuple[str, float] | None:
     return min(ok, key=lambda kv: kv[1]) if ok else None
 
 
-def probe_quant(kind: str, M: int, K: int) -> dict:
+def probe_quant(kind: str, M: int, K: int, pow2: bool = False) -> dict:
+    """pow2: power-of-two scales (a multiply instead of a division; the fast_div variants then run
+    the same code and are skipped)."""
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-    ref_rows = triton_fp8.quantize_1x128(x, False, fast_div=False)
-    ref_cols = triton_fp8.quantize_128x1_t(x, False, fast_div=False)
+    ref_rows = triton_fp8.quantize_1x128(x, pow2, fast_div=False)
+    ref_cols = triton_fp8.quantize_128x1_t(x, pow2, fast_div=False)
     gb_one = M * K * 3 / 1e9  # read x (bf16), write q (e4m3); scales are < 2 %
     rows, cols, fused = {}, {}, {}
-    for fast_div in (False, True):
+    for fast_div in (False,) if pow2 else (False, True):
         for cfg in ROWS_CONFIGS:
             rows[_name(cfg, fast_div)] = guarded(_timed_variant, functools.partial(
-                triton_fp8.quantize_1x128, x, False, fast_div=fast_div, **cfg), ref_rows, gb_one)
+                triton_fp8.quantize_1x128, x, pow2, fast_div=fast_div, **cfg), ref_rows, gb_one)
         for cfg in COLS_CONFIGS:
             cols[_name(cfg, fast_div)] = guarded(_timed_variant, functools.partial(
-                triton_fp8.quantize_128x1_t, x, False, fast_div=fast_div, **cfg), ref_cols, gb_one)
+                triton_fp8.quantize_128x1_t, x, pow2, fast_div=fast_div, **cfg), ref_cols, gb_one)
         for name, cfg in FUSED_CONFIGS.items():
             fused[name + ("_fastdiv" if fast_div else "_divrn")] = guarded(_timed_variant, functools.partial(
-                triton_fp8.quantize_dual, x, False, fast_div=fast_div, **cfg), (ref_rows, ref_cols), M * K * 4 / 1e9)
+                triton_fp8.quantize_dual, x, pow2, fast_div=fast_div, **cfg), (ref_rows, ref_cols), M * K * 4 / 1e9)
     default = [rows.get(_name(ROWS_CONFIGS[0], False), {}).get("ms"),
                cols.get(_name(COLS_CONFIGS[0], False), {}).get("ms")]
     best_rows, best_cols, best_fused = _best(rows), _best(cols), _best(fused)
@@ -283,21 +289,85 @@ def probe_linear(M: int, K: int, N: int, quant_by_shape: dict) -> dict:
     return out
 
 
-SECTIONS = ("quant", "fast_div", "gemm", "linear")
+def probe_cublas_recipes() -> dict:
+    """Every (entry point, scale_a layout, scale_b layout) candidate of every block recipe on a small
+    problem: "ok", "wrong" (runs, differs from the reference) or the error text."""
+    from miles_lib.precision.fp8 import quantize_blockwise
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for blocks_a, rowwise_b in ((False, False), (False, True), (True, True)):
+        qa, sa = quantize_blockwise(torch.randn(256, 768, generator=g).cuda(), 128 if blocks_a else 1, 128)
+        qb, sb = quantize_blockwise(torch.randn(384, 768, generator=g).cuda(), 1 if rowwise_b else 128, 128)
+        ref = fp8_gemm.fp8_mm_reference(qa, sa, qb, sb)
+        rows = {}
+        for api in fp8_gemm._apis():
+            for i in range(fp8_gemm._NUM_CANDIDATES["a_blocks" if blocks_a else "a_tiles"]):
+                for j in range(fp8_gemm._NUM_CANDIDATES["b_tiles" if rowwise_b else "b_blocks"]):
+                    try:
+                        o = fp8_gemm._call(api, qa, qb.t(), fp8_gemm._candidate_a(sa, blocks_a, i),
+                                           fp8_gemm._candidate_b(sb, rowwise_b, j), blocks_a, rowwise_b, torch.float32)
+                        rows[f"{api}[{i},{j}]"] = "ok" if ((o - ref).norm() / ref.norm()).item() < 1e-3 else "wrong"
+                    except Exception as e:  # noqa: BLE001 - the probe records every failure
+                        rows[f"{api}[{i},{j}]"] = f"{type(e).__name__}: {str(e)[:300]}"
+        out[f"{'128x128' if blocks_a else '1x128'}_x_{'1x128' if rowwise_b else '128x128'}"] = rows
+    return out
+
+
+def probe_cublas_grouped(E: int = 64, T: int = 512, K: int = 2048, N: int = 1536) -> dict:
+    """Does this torch's ``F.scaled_grouped_mm`` take block-scaled FP8 (1x128 activations x 128x128
+    expert weights, the grouped fprop)? Every scale layout candidate: "ok" with its ms next to the
+    Triton grouped kernel, "wrong", or the error text."""
+    import torch.nn.functional as F
+    from miles_lib.precision.fp8 import quantize_blockwise
+    if not hasattr(F, "scaled_grouped_mm"):
+        return {"error": "no F.scaled_grouped_mm"}
+    g = torch.Generator().manual_seed(0)
+    M = E * T
+    qa, sa = quantize_blockwise(torch.randn(M, K, generator=g).cuda(), 1, 128)
+    qb, sb = quantize_blockwise(torch.randn(E, N, K, generator=g).cuda(), 128, 128)
+    offs = torch.arange(1, E + 1, device="cuda", dtype=torch.int32) * T
+    ref = fp8_gemm.grouped_fp8_mm(qa, sa, qb, sb, offs, torch.bfloat16).float()
+    st = F.ScalingType
+    a_layouts = {"outer_major": lambda: sa.t().contiguous().t(), "row_major": lambda: sa.contiguous()}
+    b_layouts = {"E_N_K": lambda: sb.contiguous(), "E_K_N^T": lambda: sb.transpose(1, 2).contiguous().transpose(1, 2),
+                 "E_K_N": lambda: sb.transpose(1, 2).contiguous()}
+    out = {"triton_grouped_ms": cuda_ms(lambda: fp8_gemm.grouped_fp8_mm(qa, sa, qb, sb, offs, torch.bfloat16),
+                                         flush=False)}
+    for an, af in a_layouts.items():
+        for bn, bf in b_layouts.items():
+            scale_a, scale_b = af(), bf()
+            call = functools.partial(F.scaled_grouped_mm, qa, qb.transpose(1, 2), scale_a, st.BlockWise1x128,
+                                     scale_b, st.BlockWise128x128, offs=offs, output_dtype=torch.bfloat16)
+            try:
+                o = call().float()
+                ok = ((o - ref).norm() / ref.norm()).item() < 1e-2
+                out[f"{an}|{bn}"] = {"ms": cuda_ms(call, flush=False)} if ok else "wrong"
+            except Exception as e:  # noqa: BLE001 - the probe records every failure
+                out[f"{an}|{bn}"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return out
+
+
+SECTIONS = ("quant", "fast_div", "gemm", "linear", "cublas", "cublas_grouped")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
-    sections = set(ap.parse_args().sections.split(","))
+    ap.add_argument("--pow2", action="store_true", help="quant section with power-of-two scales")
+    args = ap.parse_args()
+    sections = set(args.sections.split(","))
     t0 = time.time()
     result = {"probe": "fp8_probe", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
               "triton": guarded(lambda: __import__("triton").__version__), "reps": REPS}
-    quant = [guarded(probe_quant, kind, M, K) for kind, shapes in (("x", X_SHAPES), ("dy", DY_SHAPES))
+    quant = [guarded(probe_quant, kind, M, K, args.pow2) for kind, shapes in (("x", X_SHAPES), ("dy", DY_SHAPES))
              for M, K in shapes] if "quant" in sections else []
     result["quant"] = quant
     if "fast_div" in sections:
         result["fast_div_check"] = guarded(probe_fast_div)
+    if "cublas" in sections:
+        result["cublas_recipes"] = guarded(probe_cublas_recipes)
+    if "cublas_grouped" in sections:
+        result["cublas_grouped"] = guarded(probe_cublas_grouped)
     if "gemm" in sections:
         result["gemm"] = [guarded(probe_gemm, *s) for s in GEMMS]
     by_shape = {tuple(q["shape"]): q for q in quant if "shape" in q}

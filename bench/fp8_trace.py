@@ -2,7 +2,8 @@
 
     python3 bench/fp8_trace.py [--shapes 32768x7168x2048,16384x4096x1536]
 
-Per (tokens x hidden x ffn) shape and per path (bf16 ``F.linear``, ``fp8_linear``): one
+Per (tokens x hidden x ffn) shape and per path (bf16 ``F.linear``, ``fp8_linear`` in each recipe of
+bench/fp8_gemm.py RECIPES): one
 forward+backward step (the weight touched in place first, as an optimizer step does) traced with
 torch.profiler over 5 steps, after warm-up. Reported per step:
   kernels[]      every GPU kernel / memcpy / memset: name (truncated), calls, microseconds
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from miles_lib.precision.fp8_linear import fp8_linear
 
-from fp8_gemm import fwd_bwd  # bench/ sibling: the same training micro-step as the FP8 bench
+from fp8_gemm import RECIPES, fwd_bwd  # bench/ sibling: the same training micro-step and recipes as the FP8 bench
 
 
 def make_step(path: str, M: int, K: int, N: int):
@@ -36,7 +37,7 @@ def make_step(path: str, M: int, K: int, N: int):
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     w = (torch.randn(N, K, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02).requires_grad_()
     dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16, generator=g)
-    fn = (lambda: F.linear(x, w)) if path == "bf16" else (lambda: fp8_linear(x, w))
+    fn = (lambda: F.linear(x, w)) if path == "bf16" else (lambda: fp8_linear(x, w, **RECIPES[path]))
     return fwd_bwd(fn, (x, w), dy, w)
 
 
@@ -104,17 +105,17 @@ def gemm_host_us(M: int, K: int, N: int) -> dict:
     qw, sw = fp8.quantize_weight_128x128(w)
     out = {}
     for api in fp8_gemm._apis():
-        for i in range(fp8_gemm._NUM_CANDIDATES_B[False]):
-            how = (api, i)
+        for i in range(fp8_gemm._NUM_CANDIDATES["b_blocks"]):
+            how = (api, 0, i)
             try:
-                fp8_gemm._cublas_mm(qx, sx, qw, sw, False, how, torch.bfloat16)
+                fp8_gemm._cublas_mm(qx, sx, qw, sw, False, False, how, torch.bfloat16)
             except (RuntimeError, TypeError, ValueError):
                 continue
             torch.cuda.synchronize()
             torch.cuda._sleep(500_000_000)
             t0 = time.perf_counter()
             for _ in range(20):
-                fp8_gemm._cublas_mm(qx, sx, qw, sw, False, how, torch.bfloat16)
+                fp8_gemm._cublas_mm(qx, sx, qw, sw, False, False, how, torch.bfloat16)
             out[f"{api}[{i}]"] = round((time.perf_counter() - t0) / 20 * 1e6, 1)
             torch.cuda.synchronize()
     return out
@@ -139,7 +140,7 @@ def main() -> None:
     for spec in args.shapes.split(","):
         M, K, N = (int(v) for v in spec.split("x"))
         row = {"tokens": M, "hidden": K, "ffn": N, "gemm_host_us": gemm_host_us(M, K, N)}
-        for path in ("bf16", "fp8"):
+        for path in ("bf16", *RECIPES):
             step = make_step(path, M, K, N)
             row[path] = {"wall_us": wall_us(step), "host_issue_us": host_issue_us(step), **trace(step)}
             if path == "fp8":

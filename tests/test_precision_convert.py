@@ -74,12 +74,15 @@ def test_fp8_model_forward_backward_close_to_fp32(embed_std, bound):
 
 def test_fp8_model_bf16_runs():
     model = tiny128().to(torch.bfloat16)
-    apply_fp8(model, Fp8Config(pow2_scales=True))
+    apply_fp8(model, Fp8Config(pow2_scales=True, wgrad_grad_blocks="128x128"))
+    lin = [m for m in model.modules() if isinstance(m, Fp8Linear)]
+    assert lin and all(m.pow2_scales and m.wgrad_grad_blocks == "128x128" for m in lin)
     ids = torch.randint(0, 64, (2, 9))
     out = model(ids)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
     out.logits.float().sum().backward()
     assert model.model.layers[0].mlp.experts.down_proj.grad.dtype == torch.bfloat16
+    assert all(torch.isfinite(m.weight.grad.float()).all() for m in lin)
 
 
 def test_layers_not_multiple_of_128_are_skipped_and_reported():

@@ -6,6 +6,8 @@ and that cuBLAS / the Triton grouped kernels match the same reference within the
 precision of FP8 tensor cores (bound 1e-3 relative Frobenius; measured ~1.3e-4 for cuBLAS).
 """
 
+import functools
+
 import pytest
 import torch
 
@@ -100,6 +102,31 @@ def test_fp8_linear_forward_and_grads_match_the_dequantized_reference():
     assert rel(w.grad, dyt @ xt.T) <= 1e-5
     assert 0.005 < rel(x.grad, dy @ wd) < 0.08
     assert 0.005 < rel(w.grad, dy.T @ xd) < 0.08
+
+
+def test_fp8_linear_wgrad_on_128x128_grad_blocks_matches_its_reference():
+    g = torch.Generator().manual_seed(11)
+    M, K, N = 200, 256, 384
+    x = torch.randn(M, K, generator=g, requires_grad=True)
+    w = torch.randn(N, K, generator=g, requires_grad=True)
+    dy = torch.randn(M, N, generator=g) * torch.logspace(-2, 1, N)  # channel ranges differ within a block
+    fp8_linear(x, w, wgrad_grad_blocks="128x128").backward(dy)
+    xd = x.detach()
+    dyt_blocks = fp8.quantize_blockwise(torch.cat([dy, torch.zeros(56, N)]).T, 128, 128)
+    assert dyt_blocks[1].shape == (3, 2)
+    assert same_values(fp8.quantize_act_128x128_t(dy), dyt_blocks)
+    xt = deq(*fp8.quantize_blockwise(torch.cat([xd, torch.zeros(56, K)]).T, 1, 128))
+    assert rel(w.grad, deq(*dyt_blocks) @ xt.T) <= 1e-5
+    x_grad, w_grad = x.grad, w.grad
+    x.grad = w.grad = None
+    fp8_linear(x, w).backward(dy)
+    assert torch.equal(x_grad, x.grad)  # dgrad is the same 1x128 x 128x128 GEMM either way
+    err_blocks, err_tiles = rel(w_grad, dy.T @ xd), rel(w.grad, dy.T @ xd)
+    assert 0.005 < err_tiles < err_blocks < 0.1, (err_tiles, err_blocks)  # coarser scales, larger error
+    with pytest.raises(ValueError, match="wgrad_grad_blocks"):
+        fp8_linear(x, w, wgrad_grad_blocks="1x128")
+    with pytest.raises(ValueError, match="wgrad_grad_blocks"):
+        fp8.Fp8Config(wgrad_grad_blocks="64x64")
 
 
 def test_fp8_linear_bf16_master_weight_bias_and_inference_path():
@@ -241,6 +268,29 @@ def test_gpu_fused_dual_and_fast_division_are_bitwise_equal_to_two_kernels_and_c
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("pow2", [False, True])
+def test_gpu_dual_with_128x128_transposed_blocks_is_bitwise_equal_to_cpu(pow2):
+    from miles_lib.precision import triton_fp8
+    g = torch.Generator().manual_seed(12)
+    for M, K, dtype in ((512, 1024, torch.bfloat16), (520, 384, torch.bfloat16), (200, 256, torch.float32)):
+        x = (torch.randn(M, K, generator=g) * torch.logspace(-30, 30, K)).to(dtype)
+        x[:128, :128] = 0  # an all-zero block (s = 1)
+        x[130:140] *= 1e-38  # subnormal values next to normal ones in a block
+        cpu = (fp8.quantize_blockwise(x, 1, 128, pow2), fp8.quantize_act_128x128_t(x, pow2))
+        for sub, warps in ((64, 4), (32, 4), (128, 8)):
+            for fast_div in (False, True):
+                got = triton_fp8.quantize_dual(x.cuda(), pow2, paired_sub=sub, num_warps=warps, fast_div=fast_div,
+                                               t_blocks="128x128")
+                for part_g, part_c in zip(got, cpu):
+                    assert same_values(tuple(t.cpu() for t in part_g), part_c), (M, K, dtype, sub, fast_div)
+                padded = got[1][1]._cublas_padded.cpu()
+                assert padded.shape[-1] % 4 == 0 and torch.equal(padded[:, : cpu[1][1].shape[1]], cpu[1][1])
+                assert (padded[:, cpu[1][1].shape[1]:] == 1).all()
+        got = fp8.quantize_act_dual(x.cuda(), pow2, "128x128")
+        assert all(same_values(tuple(t.cpu() for t in a), b) for a, b in zip(got, cpu))
+
+
+@pytest.mark.gpu
 def test_gpu_fast_division_is_exact_for_every_bf16_block():
     from miles_lib.precision import triton_fp8
     x = fp8.every_bf16_block()
@@ -251,6 +301,11 @@ def test_gpu_fast_division_is_exact_for_every_bf16_block():
                      triton_fp8.quantize_128x1_t(xt, False, fast_div=False))
     fast, rn = triton_fp8.quantize_dual(xt, False, fast_div=True), triton_fp8.quantize_dual(xt, False, fast_div=False)
     assert same_bits(fast[0], rn[0]) and same_bits(fast[1], rn[1])
+    # power-of-two scales: the multiply by the exact reciprocal against the CPU division
+    assert same_values(tuple(t.cpu() for t in triton_fp8.quantize_1x128(x.cuda(), True)),
+                       fp8.quantize_blockwise(x, 1, 128, True))
+    pow2 = triton_fp8.quantize_dual(xt, True)
+    assert same_values(tuple(t.cpu() for t in pow2[1]), fp8.quantize_blockwise(xt.cpu().t(), 1, 128, True))
 
 
 @pytest.mark.gpu
@@ -270,6 +325,34 @@ def test_gpu_cublas_gemms_match_reference():
         qxt, sxt = fp8.quantize_act_128x1_t(x)
         qdyt, sdyt = fp8.quantize_act_128x1_t(dy)
         assert rel(fp8_gemm.fp8_mm(qdyt, sdyt, qxt, sxt), deq(qdyt, sdyt) @ deq(qxt, sxt).T) < GPU_BOUND
+        _, (qdyb, sdyb) = fp8.quantize_act_dual(dy, True, "128x128")  # wgrad on dy's 128x128 blocks
+        ref_b = deq(qdyb, sdyb) @ deq(qxt, sxt).T
+        assert rel(fp8_gemm.fp8_mm(qdyb, sdyb, qxt, sxt), ref_b) < GPU_BOUND
+        assert rel(fp8_gemm.fp8_mm(qdyb, sdyb, qxt, sxt, torch.bfloat16), ref_b) < 5e-3
+
+
+@pytest.mark.gpu
+def test_gpu_transpose_matches_torch():
+    from miles_lib.precision import triton_fp8
+    g = torch.Generator().manual_seed(14)
+    for R, C, dtype in ((2048, 7168, torch.bfloat16), (300, 200, torch.float32), (65, 130, torch.bfloat16)):
+        x = torch.randn(R, C, generator=g).to("cuda", dtype)
+        assert torch.equal(triton_fp8.transpose(x), x.t().contiguous()), (R, C, dtype)
+
+
+def test_fp8_mm_reads_block_sizes_from_scale_shapes_and_rejects_two_block_operands():
+    g = torch.Generator().manual_seed(13)
+    a, b = torch.randn(256, 384, generator=g), torch.randn(128, 384, generator=g)
+    for (ra, rb) in ((1, 128), (128, 1), (1, 1)):
+        qa, sa = fp8.quantize_blockwise(a, ra, 128)
+        qb, sb = fp8.quantize_blockwise(b, rb, 128)
+        assert torch.equal(fp8_gemm.fp8_mm(qa, sa, qb, sb), deq(qa, sa) @ deq(qb, sb).T)
+    qa, sa = fp8.quantize_blockwise(a, 128, 128)
+    qb, sb = fp8.quantize_blockwise(b, 128, 128)
+    with pytest.raises(ValueError, match="not both 128x128"):
+        fp8_gemm.fp8_mm(qa, sa, qb, sb)
+    with pytest.raises(ValueError, match="does not match"):
+        fp8_gemm.fp8_mm(qa, sa[:, :2], qb, sb)
 
 
 @pytest.mark.gpu
@@ -284,7 +367,8 @@ def test_gpu_fp8_linear_and_grouped_match_cpu_emulation(dtype):
     counts = [100, 0, 150, 50]
     offs = torch.tensor(counts).cumsum(0).to(torch.int32)
     wg = torch.randn(4, 256, 512, generator=g).to(dtype)
-    for fn, args in ((fp8_linear, (x, w)), (fp8_grouped_linear, (x, wg, offs))):
+    fp8_linear_2d = functools.partial(fp8_linear, wgrad_grad_blocks="128x128")
+    for fn, args in ((fp8_linear, (x, w)), (fp8_linear_2d, (x, w)), (fp8_grouped_linear, (x, wg, offs))):
         outs = []
         for dev in ("cpu", "cuda"):
             a = [t.detach().clone().to(dev).requires_grad_(t.is_floating_point()) for t in args]
@@ -292,4 +376,4 @@ def test_gpu_fp8_linear_and_grouped_match_cpu_emulation(dtype):
             y.backward(dy.to(dev))
             outs.append([y.detach().cpu(), a[0].grad.cpu(), a[1].grad.cpu()])
         for c, gp in zip(*outs):
-            assert rel(gp, c) < tol, fn.__name__
+            assert rel(gp, c) < tol, getattr(fn, "__name__", "fp8_linear 128x128")

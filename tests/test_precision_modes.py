@@ -39,6 +39,10 @@ def test_config_validation_and_yaml_section():
         GRPOConfig.from_dict({"precision": {"mode": "fp8", "fp8_scales": 1}})
     cfg = GRPOConfig.from_yaml("examples/configs/tiny_grpo_fp8.yaml")
     assert cfg.precision.mode == "fp8" and not cfg.precision.separate_rollout_model
+    fast = GRPOConfig.from_yaml("examples/configs/tiny_grpo_fp8_fast.yaml").precision.fp8
+    assert fast.pow2_scales and fast.wgrad_grad_blocks == "128x128"
+    with pytest.raises(ConfigError, match="wgrad_grad_blocks"):
+        GRPOConfig.from_dict({"precision": {"mode": "fp8", "fp8": {"wgrad_grad_blocks": "1x128"}}})
     assert GRPOConfig.from_yaml("examples/configs/tiny_grpo_int4_qat.yaml").precision.separate_rollout_model
 
 

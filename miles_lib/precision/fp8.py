@@ -14,6 +14,8 @@ Design note.
                    TRANSPOSED (it is the operand of the wgrad GEMM, contracted over tokens);
                    M' = M rounded up to 128, the padding tokens are zeros (they change neither
                    an amax nor a sum).
+      act_128x128_t x_MK -> q_KM', s [K/128, M'/128]   the same with one scale per 128x128 block
+                   (optional wgrad operand for dy, ``Fp8Config.wgrad_grad_blocks``).
   * Bit-identity: CPU (torch ops) and GPU (the Triton kernels in ``triton_fp8``, or the same torch
     ops) compute the same fp32 arithmetic — exact max, one rounded multiply for the scale, an IEEE
     division, round-to-nearest-even into e4m3 — so q and s agree to the last bit (GPU test).
@@ -38,6 +40,7 @@ FP8_MAX = 448.0
 BLOCK = 128
 
 _USE_TRITON = True  # tests flip this to compare the Triton kernels with the torch ops on GPU
+WGRAD_GRAD_BLOCKS = ("128x1", "128x128")  # how dy is tiled for the weight-gradient GEMM (Fp8Config)
 _DUAL_IMPL = "fused"  # "fused" | "two_kernels": how quantize_act_dual runs on CUDA (see there)
 
 
@@ -138,15 +141,29 @@ def quantize_act_128x1_t(x: torch.Tensor, pow2_scales: bool = False) -> tuple[to
     return quantize_blockwise(pad_rows(x, BLOCK).t(), 1, BLOCK, pow2_scales)
 
 
-def quantize_act_dual(x: torch.Tensor, pow2_scales: bool = False):
+def quantize_act_128x128_t(x: torch.Tensor, pow2_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (q^T [K, M'], s [K/128, M'/128]): one scale per 128 tokens x 128 channels,
+    transposed (M' = M rounded up to 128, zero tokens appended). The coarser wgrad operand of
+    ``WGRAD_GRAD_BLOCKS`` "128x128" (torch ops; on CUDA ``quantize_act_dual`` writes it fused)."""
+    if x.dim() != 2:
+        raise ValueError(f"quantize_act_128x128_t expects a 2-D [tokens, channels] tensor, got {list(x.shape)}")
+    return quantize_blockwise(pad_rows(x, BLOCK).t(), BLOCK, BLOCK, pow2_scales)
+
+
+def quantize_act_dual(x: torch.Tensor, pow2_scales: bool = False, t_blocks: str = "128x1"):
     """(quantize_act_1x128(x), quantize_act_128x1_t(x)): both operands of x's GEMMs in a training
     step (fprop and wgrad for an input, dgrad and wgrad for an output grad). On CUDA, ``_DUAL_IMPL``
     picks ``triton_fp8.quantize_dual`` (x read from DRAM once; the faster at every shape the H200
-    probe measured, see there) or the two Triton kernels (x read twice). Same bits either way."""
-    if _DUAL_IMPL == "fused" and _triton_ok(x) and x.dim() == 2:
+    probe measured, see there) or the two Triton kernels (x read twice). Same bits either way.
+    ``t_blocks="128x128"``: the transposed copy is ``quantize_act_128x128_t(x)`` instead."""
+    if t_blocks not in WGRAD_GRAD_BLOCKS:
+        raise ValueError(f"quantize_act_dual: t_blocks={t_blocks!r}, expected one of {list(WGRAD_GRAD_BLOCKS)}")
+    if (_DUAL_IMPL == "fused" or t_blocks == "128x128") and _triton_ok(x) and x.dim() == 2:
         _check_divisible(x.shape, 1, BLOCK, "1x128")
         from miles_lib.precision import triton_fp8
-        return triton_fp8.quantize_dual(x, pow2_scales)
+        return triton_fp8.quantize_dual(x, pow2_scales, t_blocks=t_blocks)
+    if t_blocks == "128x128":
+        return quantize_act_1x128(x, pow2_scales), quantize_act_128x128_t(x, pow2_scales)
     return quantize_act_1x128(x, pow2_scales), quantize_act_128x1_t(x, pow2_scales)
 
 
@@ -173,11 +190,17 @@ class Fp8Config(ConfigBase):
     """Block-scaled FP8 training / rollout (DeepSeek-V3 recipe)."""
 
     pow2_scales: bool = False  # round every block scale up to a power of two
+    # tiles of the output gradient dy in the weight-gradient GEMM of the dense layers: "128x1" (one
+    # scale per channel per 128 tokens, DeepSeek-V3) or "128x128" blocks (coarser; the GEMM then runs
+    # on fprop's ~1.4x faster cuBLAS kernel). The grouped experts always use 128x1.
+    wgrad_grad_blocks: str = "128x1"
     # which parts of the decoder run FP8 GEMMs; router, norms, embeddings and lm_head never do
     modules: list[str] = dataclasses.field(default_factory=lambda: list(FP8_MODULES))
 
     def __post_init__(self) -> None:
         check(isinstance(self.pow2_scales, bool), "Fp8Config", "pow2_scales", self.pow2_scales, "a bool")
+        check(self.wgrad_grad_blocks in WGRAD_GRAD_BLOCKS, "Fp8Config", "wgrad_grad_blocks", self.wgrad_grad_blocks,
+              f"one of {list(WGRAD_GRAD_BLOCKS)}")
         bad = [m for m in self.modules if m not in FP8_MODULES]
         check(not bad and len(set(self.modules)) == len(self.modules), "Fp8Config", "modules", self.modules,
               f"distinct names from {list(FP8_MODULES)}")

@@ -6,8 +6,10 @@ Design note.
     scale per row of A and one per row-block of B:
         C[m, n] = sum_kb  s_A[m, kb] * s_B[n, kb] * sum_{k in kb} q_A[m, k] q_B[n, k]
     (fp32 accumulation; the inner sum runs on FP8 tensor cores on the GPU).
-  * A always has 1x128 tiles ([M, K/128] scales). B has 128x128 blocks (a weight; fprop and dgrad)
-    or 1x128 tiles ([N, K/128] scales; the wgrad GEMM, whose K is the token dim).
+  * A has 1x128 tiles ([M, K/128] scales), or 128x128 blocks ([M/128, K/128]; dy^T in a wgrad
+    with ``wgrad_grad_blocks="128x128"``). B has 128x128 blocks (a weight; fprop and dgrad) or 1x128
+    tiles ([N, K/128] scales; the wgrad GEMM, whose K is the token dim). cuBLAS takes 1x128 x
+    128x128, 128x128 x 1x128 and 1x128 x 1x128; the block sizes are read off the scale shapes.
   * Backends. ``reference``: dequantize both operands, multiply in fp32 — the CPU path and the
     exactness reference. CUDA dense: cuBLAS block-wise scaling, through ``torch._scaled_mm`` (the
     recipe inferred from the scale shapes) or ``torch.nn.functional.scaled_mm`` (ScalingType
@@ -88,7 +90,14 @@ def _row_major_padded(s: torch.Tensor, keep_padding: bool) -> torch.Tensor:
     return buf if keep_padding else buf[:, : s.shape[1]]
 
 
-_NUM_CANDIDATES_B = {True: 2, False: 4}
+_NUM_CANDIDATES = {"a_tiles": 1, "a_blocks": 4, "b_tiles": 2, "b_blocks": 4}
+
+
+def _candidate_a(sa: torch.Tensor, blocks: bool, i: int) -> torch.Tensor:
+    """Candidate ``i`` of the scale_a layouts for a = A [M, K] row-major."""
+    if not blocks:  # 1x128 tiles: outer-dim-major [M, K/128]
+        return _outer_major(sa)
+    return (sa.contiguous(), _row_major_padded(sa, True), _row_major_padded(sa, False), _outer_major(sa))[i]
 
 
 def _candidate_b(sb: torch.Tensor, rowwise: bool, i: int) -> torch.Tensor:
@@ -105,16 +114,16 @@ def _candidate_b(sb: torch.Tensor, rowwise: bool, i: int) -> torch.Tensor:
     return sb.t().contiguous()
 
 
-def _call(api: str, a, b, scale_a, scale_b, rowwise_b: bool, out_dtype):
+def _call(api: str, a, b, scale_a, scale_b, blocks_a: bool, rowwise_b: bool, out_dtype):
     if api == "F.scaled_mm":
         import torch.nn.functional as F
         st = F.ScalingType
-        return F.scaled_mm(a, b, scale_a, st.BlockWise1x128, scale_b,
+        return F.scaled_mm(a, b, scale_a, st.BlockWise128x128 if blocks_a else st.BlockWise1x128, scale_b,
                            st.BlockWise1x128 if rowwise_b else st.BlockWise128x128, output_dtype=out_dtype)
     return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype)
 
 
-_CUBLAS: dict[tuple[str, bool], tuple[str, int] | None] = {}
+_CUBLAS: dict[tuple[str, bool, bool], tuple[str, int, int] | None] = {}
 
 
 def _apis() -> list[str]:
@@ -126,61 +135,74 @@ def _apis() -> list[str]:
     return ["_scaled_mm"] + (["F.scaled_mm"] if hasattr(F, "scaled_mm") and hasattr(F, "ScalingType") else [])
 
 
-def _probe(device: torch.device, rowwise_b: bool) -> tuple[str, int] | None:
-    """(api, scale_b layout index) that reproduces the reference on a small problem, or None."""
+def _probe(device: torch.device, blocks_a: bool, rowwise_b: bool) -> tuple[str, int, int] | None:
+    """(api, scale_a layout index, scale_b layout index) that reproduces the reference on a small
+    problem, or None."""
     from miles_lib.precision.fp8 import quantize_blockwise
     g = torch.Generator().manual_seed(0)
     K = 768  # 6 K blocks: not a multiple of 4, so a layout that needs padding shows itself
-    qa, sa = quantize_blockwise(torch.randn(256, K, generator=g).to(device), 1, BLOCK)
+    qa, sa = quantize_blockwise(torch.randn(256, K, generator=g).to(device), BLOCK if blocks_a else 1, BLOCK)
     qb, sb = quantize_blockwise(torch.randn(384, K, generator=g).to(device), 1 if rowwise_b else BLOCK, BLOCK)
     ref = fp8_mm_reference(qa, sa, qb, sb)
     for api in _apis():
-        for i in range(_NUM_CANDIDATES_B[rowwise_b]):
-            scale_b = _candidate_b(sb, rowwise_b, i)
-            try:
-                out = _call(api, qa, qb.t(), _outer_major(sa), scale_b, rowwise_b, torch.float32)
-            except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError):
-                continue
-            if ((out.float() - ref).norm() / ref.norm()).item() < 1e-3:
-                return api, i
+        for i in range(_NUM_CANDIDATES["a_blocks" if blocks_a else "a_tiles"]):
+            for j in range(_NUM_CANDIDATES["b_tiles" if rowwise_b else "b_blocks"]):
+                try:
+                    out = _call(api, qa, qb.t(), _candidate_a(sa, blocks_a, i), _candidate_b(sb, rowwise_b, j),
+                                blocks_a, rowwise_b, torch.float32)
+                except (RuntimeError, TypeError, ValueError, AttributeError, NotImplementedError):
+                    continue
+                if ((out.float() - ref).norm() / ref.norm()).item() < 1e-3:
+                    return api, i, j
     return None
 
 
-def cublas_blockwise(device: torch.device | str, rowwise_b: bool = False) -> tuple[str, int] | None:
-    """The working cuBLAS call for this device and B recipe (cached), or None."""
+def cublas_blockwise(device: torch.device | str, rowwise_b: bool = False, blocks_a: bool = False
+                     ) -> tuple[str, int, int] | None:
+    """The working cuBLAS call for this device and recipe (cached), or None."""
     device = torch.device(device)
-    if device.type != "cuda":
+    if device.type != "cuda" or (blocks_a and not rowwise_b):
         return None
-    key = (str(device), rowwise_b)
+    key = (str(device), blocks_a, rowwise_b)
     if key not in _CUBLAS:
-        _CUBLAS[key] = _probe(device, rowwise_b)
+        _CUBLAS[key] = _probe(device, blocks_a, rowwise_b)
     return _CUBLAS[key]
 
 
-def _cublas_mm(qa, sa, qb, sb, rowwise_b: bool, how: tuple[str, int], out_dtype) -> torch.Tensor:
+def _cublas_mm(qa, sa, qb, sb, blocks_a: bool, rowwise_b: bool, how: tuple[str, int, int], out_dtype) -> torch.Tensor:
     M = qa.shape[0]
     pad = -M % 16  # FP8 cuBLAS wants every dim a multiple of 16 (and 16-byte aligned scale columns)
-    if pad:
+    if pad:  # (128x128 blocks of A: M is a multiple of 128 already)
         qa = torch.cat([qa, qa.new_zeros(pad, qa.shape[1])])
         sa = torch.cat([sa, sa.new_ones(pad, sa.shape[1])])
-    api, i = how
-    scale_b = _candidate_b(sb, rowwise_b, i)
-    out = _call(api, qa.contiguous(), qb.contiguous().t(), _outer_major(sa), scale_b, rowwise_b, out_dtype)
+    api, i, j = how
+    out = _call(api, qa.contiguous(), qb.contiguous().t(), _candidate_a(sa, blocks_a, i),
+                _candidate_b(sb, rowwise_b, j), blocks_a, rowwise_b, out_dtype)
     return out[:M] if pad else out
 
 
 def fp8_mm(qa, sa, qb, sb, out_dtype=torch.float32) -> torch.Tensor:
-    """C = A B^T; A [M, K] 1x128-quantized, B [N, K] 128x128- or 1x128-quantized (from sb's shape).
+    """C = A B^T; A [M, K] 1x128- or 128x128-quantized, B [N, K] 128x128- or 1x128-quantized (from
+    the scale shapes; not both 128x128).
 
-    cuBLAS on CUDA when this torch accepts the recipe, the reference otherwise."""
-    N, K = qb.shape
-    if qa.shape[1] != K or sa.shape != (qa.shape[0], K // BLOCK):
-        raise ValueError(f"fp8_mm: A {list(qa.shape)} with scales {list(sa.shape)} does not match B {list(qb.shape)}")
+    cuBLAS on CUDA when this torch accepts the recipe, the reference otherwise. A 128x128 x 1x128
+    product that cuBLAS does not take directly runs as (B A^T)^T on the 1x128 x 128x128 kernel."""
+    (M, K), N = qa.shape, qb.shape[0]
+    blocks_a = M > 0 and sa.shape == (M // BLOCK, K // BLOCK) and M % BLOCK == 0
     rowwise_b = sb.shape[0] == N  # 1x128 tiles: one scale row per row of B
+    if qb.shape[1] != K or not (blocks_a or sa.shape == (M, K // BLOCK)) or (blocks_a and not rowwise_b):
+        raise ValueError(f"fp8_mm: A {list(qa.shape)} with scales {list(sa.shape)} does not match B {list(qb.shape)} "
+                         f"with scales {list(sb.shape)} (1x128 or 128x128 blocks, not both 128x128)")
     if _USE_FAST_PATHS and qa.is_cuda and out_dtype in (torch.float32, torch.bfloat16):
-        how = cublas_blockwise(qa.device, rowwise_b)
+        how = cublas_blockwise(qa.device, rowwise_b, blocks_a)
         if how is not None:
-            return _cublas_mm(qa, sa, qb, sb, rowwise_b, how, out_dtype)
+            return _cublas_mm(qa, sa, qb, sb, blocks_a, rowwise_b, how, out_dtype)
+        if blocks_a and cublas_blockwise(qa.device, False) is not None:
+            out_t = fp8_mm(qb, sb, qa, sa, out_dtype)
+            if triton_available():
+                from miles_lib.precision import triton_fp8
+                return triton_fp8.transpose(out_t)
+            return out_t.t().contiguous()
     return fp8_mm_reference(qa, sa, qb, sb, out_dtype)
 
 

@@ -27,6 +27,9 @@ Design note.
         gives d in [2^-22, 1), still far inside that range. The GPU tests and bench/fp8_probe.py
         check every bf16 value against every bf16 amax mantissa, and random fp32. Non-finite
         input: a block with amax = inf comes out NaN (div.rn: 0 or NaN).
+      - power-of-two scales (``pow2_scales``, Transformer Engine's default): x / s is one multiply
+        by the exact reciprocal 2^-e (``_pow2_reciprocal``, from the exponent bits), rounded once
+        like the division: the same bits, ~25% less time for the dual kernel.
       - no clamp to +-448: |x / s| <= 448 (1 + 2^-23) and the e4m3 cast saturates anyway.
       - the transposed store: rows are loaded permuted so that each thread holds consecutive rows
         (``_load_rows``), and the register shuffle before the transposed store moves 8-byte
@@ -109,10 +112,22 @@ def _fma_divide(x, d, y, p, AXIS: tl.constexpr):
 
 
 @triton.jit
-def _divide(x, s, divisor, AXIS: tl.constexpr, FAST_DIV: tl.constexpr):
-    """x [R, C] fp32 / s [R] broadcast along AXIS, IEEE round-to-nearest; divisor = _divisor(s)."""
-    if FAST_DIV:
-        d, y, p = divisor
+def _pow2_reciprocal(s):
+    """1 / s exactly for s = 2^e (e in [-126, 127], what _scale(POW2) gives), from the exponent bits."""
+    return (0x7F000000 - s.to(tl.int32, bitcast=True)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _divide(x, s, AXIS: tl.constexpr, POW2: tl.constexpr, FAST_DIV: tl.constexpr):
+    """x [R, C] fp32 / s [R] broadcast along AXIS, IEEE round-to-nearest.
+
+    POW2 scales: one multiply by the exact reciprocal 2^-e (x 2^-e rounded once is x / s rounded
+    once: the same bits as div.rn, subnormal quotients included). Otherwise ``_divisor`` per scale
+    and ``_fma_divide`` per element (FAST_DIV), or div.rn."""
+    if POW2:
+        q = x * tl.broadcast_to(tl.expand_dims(_pow2_reciprocal(s), AXIS), x.shape)
+    elif FAST_DIV:
+        d, y, p = _divisor(s, FAST_DIV)
         q = _fma_divide(x, d, y, p, AXIS)
     else:
         q = tl.math.div_rn(x, tl.broadcast_to(tl.expand_dims(s, AXIS), x.shape))
@@ -126,7 +141,7 @@ def _quantize(x, AXIS: tl.constexpr, POW2: tl.constexpr, FAST_DIV: tl.constexpr)
     No clamp to +-448: |x / s| <= 448 (1 + 2^-23) for finite x, and the e4m3 cast (cvt.rn.satfinite)
     rounds every such value as clamp-then-cast does."""
     s = _scale(tl.max(tl.abs(x), axis=AXIS), POW2)
-    return _divide(x.to(tl.float32), s, _divisor(s, FAST_DIV), AXIS, FAST_DIV), s
+    return _divide(x.to(tl.float32), s, AXIS, POW2, FAST_DIV), s
 
 
 @triton.jit
@@ -209,12 +224,17 @@ def _quant_dual_tile_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, strid
 
 
 @triton.jit
-def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, stride_xm, POW2: tl.constexpr,
-                              FAST_DIV: tl.constexpr, G: tl.constexpr, SUB: tl.constexpr):
+def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, stp_ptr, M, K, Mp, stride_xm, STP_ROW,
+                              POW2: tl.constexpr, FAST_DIV: tl.constexpr, G: tl.constexpr, SUB: tl.constexpr,
+                              T_2D: tl.constexpr):
     """Programs 2t and 2t + 1 take the same 128x128 tile t: the first quantizes it 1x128, the
     second 128x1 (transposed, in SUB-column slices). The pair runs at about the same time, so the
     second read of the tile is served by L2: x comes from DRAM once, and each program holds only
-    one quantization's registers (the tile kernel holds both)."""
+    one quantization's registers (the tile kernel holds both).
+
+    T_2D: the transposed copy has one scale per 128x128 block instead (the block's amax from a
+    first pass over the slices, also served by L2), written to st [K/128, Mp/128] and to stp, its
+    rows padded to STP_ROW with ones (cuBLAS's 128x128 scale layout)."""
     pid = tl.program_id(0)
     t = pid // 2
     nkb = K // 128
@@ -227,6 +247,25 @@ def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, str
                          other=0.0)
         q, s = _quantize(x_rows, 1, POW2, FAST_DIV)
         _store_1x128(q_ptr, s_ptr, q, s, rm, kb, M, K)
+    elif T_2D:
+        amax = 0.0
+        for h in tl.static_range(128 // SUB):
+            rk_cols = kb * 128 + h * SUB + tl.arange(0, SUB)
+            x_cols = _load_rows(x_ptr, mb * 128, rk_cols, M, K, stride_xm, 128, G, "")
+            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(x_cols), axis=0), axis=0).to(tl.float32))
+        s_blk = _scale(amax, POW2)
+        st = tl.zeros((SUB,), tl.float32) + s_blk
+        for h in tl.static_range(128 // SUB):
+            rk_cols = kb * 128 + h * SUB + tl.arange(0, SUB)
+            x_cols = _load_rows(x_ptr, mb * 128, rk_cols, M, K, stride_xm, 128, G, "")
+            qt = _divide(x_cols.to(tl.float32), st, 0, POW2, FAST_DIV)
+            _store_128x1_t(qt_ptr, qt, rm, rk_cols, K, Mp)
+        nmb = Mp // 128
+        tl.store(st_ptr + kb * nmb + mb, s_blk)
+        tl.store(stp_ptr + kb * STP_ROW + mb, s_blk)
+        if mb == nmb - 1:
+            pad = tl.arange(0, 4)
+            tl.store(stp_ptr + kb * STP_ROW + nmb + pad, tl.full((4,), 1.0, tl.float32), mask=nmb + pad < STP_ROW)
     else:
         for h in tl.static_range(128 // SUB):
             rk_cols = kb * 128 + h * SUB + tl.arange(0, SUB)
@@ -234,6 +273,16 @@ def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, str
             qt, st = _quantize(x_cols, 0, POW2, FAST_DIV)
             _store_128x1_t(qt_ptr, qt, rm, rk_cols, K, Mp)
             tl.store(st_ptr + mb * K + rk_cols, st)
+
+
+@triton.jit
+def _block_divide(w, s, POW2: tl.constexpr):
+    """w [128, 128] / s (one scale), rounded as div.rn; a multiply by 2^-e for POW2 scales."""
+    if POW2:
+        q = w * _pow2_reciprocal(s)
+    else:
+        q = tl.clamp(tl.math.div_rn(w, tl.zeros((128, 128), tl.float32) + s), -448.0, 448.0)
+    return q
 
 
 @triton.jit
@@ -253,7 +302,7 @@ def _quant_128x128_kernel(w_ptr, q_ptr, s_ptr, sp_ptr, qt_ptr, st_ptr, stp_ptr, 
     offs = e.to(tl.int64) * N * K + rn[:, None].to(tl.int64) * K + rk[None, :]
     w = tl.load(w_ptr + offs).to(tl.float32)
     s = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
-    q = tl.clamp(tl.math.div_rn(w, tl.zeros((128, 128), tl.float32) + s), -448.0, 448.0)
+    q = _block_divide(w, s, POW2)
     tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty))
     tl.store(s_ptr + pid * kbs + kb, s)
     pad = tl.arange(0, 4)
@@ -264,7 +313,7 @@ def _quant_128x128_kernel(w_ptr, q_ptr, s_ptr, sp_ptr, qt_ptr, st_ptr, stp_ptr, 
     # on the H200 (Triton 3.6) that transpose of the e4m3 block wrote corrupt rows here.
     if TRANSPOSE:
         wt = tl.load(w_ptr + e.to(tl.int64) * N * K + rn[None, :].to(tl.int64) * K + rk[:, None]).to(tl.float32)
-        qt = tl.clamp(tl.math.div_rn(wt, tl.zeros((128, 128), tl.float32) + s), -448.0, 448.0)
+        qt = _block_divide(wt, s, POW2)
         tl.store(qt_ptr + e.to(tl.int64) * N * K + rk[:, None].to(tl.int64) * N + rn[None, :],
                  qt.to(qt_ptr.dtype.element_ty))
         row_t = e * kbs + kb
@@ -329,9 +378,11 @@ def quantize_128x1_t(x: torch.Tensor, pow2_scales: bool, *, block_k: int = 64, n
 
 
 def quantize_dual(x: torch.Tensor, pow2_scales: bool, *, paired_sub: int | None = 64, num_warps: int = 4,
-                  max_registers: int | None = None, fast_div: bool | None = None):
+                  max_registers: int | None = None, fast_div: bool | None = None, t_blocks: str = "128x1"):
     """(quantize_1x128(x), quantize_128x1_t(x)) bit for bit, reading x from DRAM once (K a multiple
-    of 128).
+    of 128). ``t_blocks="128x128"``: the transposed copy in 128x128 blocks instead, scales
+    [K/128, M'/128] (the dy operand of a wgrad on the faster 128x128 x 1x128 cuBLAS kernel; paired
+    kernel only).
 
     ``paired_sub`` (32, 64 or 128): two programs per 128x128 tile, one per quantization, the 128x1
     one in slices of that many columns (``_quant_dual_paired_kernel``); None: one program per tile
@@ -339,20 +390,30 @@ def quantize_dual(x: torch.Tensor, pow2_scales: bool, *, paired_sub: int | None 
     max_registers=128). max_registers caps registers per thread (ptxas maxnreg). The defaults were
     the fastest on the H200 at every measured shape (bench/fp8_probe.py: 32768x7168 0.356 ms vs
     0.371 for the two kernels and 0.41 for the tile kernel; 32768x2048 0.107 vs 0.111 / 0.122)."""
+    if t_blocks not in ("128x1", "128x128") or (t_blocks == "128x128" and paired_sub is None):
+        raise ValueError(f"quantize_dual: t_blocks={t_blocks!r} with paired_sub={paired_sub!r}; use '128x1', or "
+                         "'128x128' with the paired kernel")
     x = _row_major_input(x)
     M, K = x.shape
     q, s_buf = _alloc_1x128(M, K, x.device)
     qt, st_buf = _alloc_128x1_t(M, K, x.device)
     Mp = qt.shape[1]
-    args = (x, q, s_buf, qt, st_buf, M, K, Mp, x.stride(0))
+    t_2d = t_blocks == "128x128"
+    if t_2d:
+        st_buf, stp_buf = _scales_128x128([], K // BLOCK, Mp // BLOCK, x.device)
+    else:
+        stp_buf = st_buf
+    args = (x, q, s_buf, qt, st_buf)
     meta = {"POW2": pow2_scales, "FAST_DIV": _fast_div(fast_div), "num_warps": num_warps, "maxnreg": max_registers}
     tiles = (K // BLOCK) * (Mp // BLOCK)
     if paired_sub is not None:
-        _quant_dual_paired_kernel[(2 * tiles,)](*args, G=_rows_per_rep(x, paired_sub, num_warps, BLOCK),
-                                                SUB=paired_sub, **meta)
+        _quant_dual_paired_kernel[(2 * tiles,)](*args, stp_buf, M, K, Mp, x.stride(0), stp_buf.shape[-1],
+                                                G=_rows_per_rep(x, paired_sub, num_warps, BLOCK), SUB=paired_sub,
+                                                T_2D=t_2d, **meta)
     else:
-        _quant_dual_tile_kernel[(K // BLOCK, Mp // BLOCK)](*args, G=_rows_per_rep(x, BLOCK, num_warps, BLOCK), **meta)
-    return (q, s_buf.t()), (qt, st_buf.t())
+        _quant_dual_tile_kernel[(K // BLOCK, Mp // BLOCK)](*args, M, K, Mp, x.stride(0),
+                                                           G=_rows_per_rep(x, BLOCK, num_warps, BLOCK), **meta)
+    return (q, s_buf.t()), (qt, st_buf if t_2d else st_buf.t())
 
 
 def _scales_128x128(lead: list[int], rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -379,6 +440,27 @@ def quantize_128x128(w: torch.Tensor, pow2_scales: bool, with_transpose: bool = 
     _quant_128x128_kernel[(E * (N // BLOCK), K // BLOCK)](w, q, s, sp, qt, st, stp, N, K, sp.shape[-1], stp.shape[-1],
                                                           POW2=pow2_scales, TRANSPOSE=with_transpose, num_warps=8)
     return ((q, s), (qt, st)) if with_transpose else (q, s)
+
+
+@triton.jit
+def _transpose_kernel(x_ptr, y_ptr, R, C, BR: tl.constexpr, BC: tl.constexpr):
+    """Program (r, c): the [BR, BC] tile of x [R, C] at (r BR, c BC) into y [C, R] (through shared
+    memory, so both the load and the store are coalesced)."""
+    rr = tl.program_id(0) * BR + tl.arange(0, BR)
+    cc = tl.program_id(1) * BC + tl.arange(0, BC)
+    mask = (rr[:, None] < R) & (cc[None, :] < C)
+    x = tl.load(x_ptr + rr[:, None].to(tl.int64) * C + cc[None, :], mask=mask)
+    tl.store(y_ptr + cc[None, :].to(tl.int64) * R + rr[:, None], x, mask=mask)
+
+
+def transpose(x: torch.Tensor) -> torch.Tensor:
+    """x [R, C] (row-major, 2- or 4-byte elements) -> x^T as a row-major [C, R] tensor; ~4x faster
+    than ``x.t().contiguous()`` (a strided elementwise copy) on the H200."""
+    x = x.contiguous()
+    R, C = x.shape
+    y = torch.empty(C, R, dtype=x.dtype, device=x.device)
+    _transpose_kernel[(triton.cdiv(R, 64), triton.cdiv(C, 64))](x, y, R, C, BR=64, BC=64, num_warps=4)
+    return y
 
 
 # ---------------------------------------------------------------------------------------------
