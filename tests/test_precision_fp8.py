@@ -288,6 +288,7 @@ def test_gpu_dual_with_128x128_transposed_blocks_is_bitwise_equal_to_cpu(pow2):
                 assert (padded[:, cpu[1][1].shape[1]:] == 1).all()
         got = fp8.quantize_act_dual(x.cuda(), pow2, "128x128")
         assert all(same_values(tuple(t.cpu() for t in a), b) for a, b in zip(got, cpu))
+        assert same_values(tuple(t.cpu() for t in fp8.quantize_act_128x128_t(x.cuda(), pow2)), cpu[1])
 
 
 @pytest.mark.gpu

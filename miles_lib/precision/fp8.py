@@ -144,9 +144,13 @@ def quantize_act_128x1_t(x: torch.Tensor, pow2_scales: bool = False) -> tuple[to
 def quantize_act_128x128_t(x: torch.Tensor, pow2_scales: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (q^T [K, M'], s [K/128, M'/128]): one scale per 128 tokens x 128 channels,
     transposed (M' = M rounded up to 128, zero tokens appended). The coarser wgrad operand of
-    ``WGRAD_GRAD_BLOCKS`` "128x128" (torch ops; on CUDA ``quantize_act_dual`` writes it fused)."""
+    ``WGRAD_GRAD_BLOCKS`` "128x128"."""
     if x.dim() != 2:
         raise ValueError(f"quantize_act_128x128_t expects a 2-D [tokens, channels] tensor, got {list(x.shape)}")
+    if _triton_ok(x):  # the fused kernel; its 1x128 half is dropped
+        _check_divisible(x.shape, 1, BLOCK, "1x128")
+        from miles_lib.precision import triton_fp8
+        return triton_fp8.quantize_dual(x, pow2_scales, t_blocks="128x128")[1]
     return quantize_blockwise(pad_rows(x, BLOCK).t(), BLOCK, BLOCK, pow2_scales)
 
 
