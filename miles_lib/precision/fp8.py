@@ -160,15 +160,19 @@ def quantize_act_dual(x: torch.Tensor, pow2_scales: bool = False, t_blocks: str 
     picks ``triton_fp8.quantize_dual`` (x read from DRAM once; the faster at every shape the H200
     probe measured, see there) or the two Triton kernels (x read twice). Same bits either way.
     ``t_blocks="128x128"``: the transposed copy is ``quantize_act_128x128_t(x)`` instead."""
-    if t_blocks not in WGRAD_GRAD_BLOCKS:
-        raise ValueError(f"quantize_act_dual: t_blocks={t_blocks!r}, expected one of {list(WGRAD_GRAD_BLOCKS)}")
     if (_DUAL_IMPL == "fused" or t_blocks == "128x128") and _triton_ok(x) and x.dim() == 2:
         _check_divisible(x.shape, 1, BLOCK, "1x128")
         from miles_lib.precision import triton_fp8
         return triton_fp8.quantize_dual(x, pow2_scales, t_blocks=t_blocks)
-    if t_blocks == "128x128":
-        return quantize_act_1x128(x, pow2_scales), quantize_act_128x128_t(x, pow2_scales)
-    return quantize_act_1x128(x, pow2_scales), quantize_act_128x1_t(x, pow2_scales)
+    return quantize_act_1x128(x, pow2_scales), quantize_act_t(x, pow2_scales, t_blocks)
+
+
+def quantize_act_t(x: torch.Tensor, pow2_scales: bool = False, t_blocks: str = "128x1"):
+    """The transposed wgrad operand of x in ``t_blocks``: ``quantize_act_128x1_t`` or
+    ``quantize_act_128x128_t``."""
+    if t_blocks not in WGRAD_GRAD_BLOCKS:
+        raise ValueError(f"quantize_act_t: t_blocks={t_blocks!r}, expected one of {list(WGRAD_GRAD_BLOCKS)}")
+    return (quantize_act_128x1_t if t_blocks == "128x1" else quantize_act_128x128_t)(x, pow2_scales)
 
 
 def every_bf16_block() -> torch.Tensor:

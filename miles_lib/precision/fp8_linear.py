@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from miles_lib.precision.fp8 import (WGRAD_GRAD_BLOCKS, quantize_act_1x128, quantize_act_128x1_t, quantize_act_128x128_t,
-                                     quantize_act_dual, quantize_weight_128x128)
+from miles_lib.precision.fp8 import (WGRAD_GRAD_BLOCKS, quantize_act_1x128, quantize_act_dual, quantize_act_t,
+                                     quantize_weight_128x128)
 from miles_lib.precision.fp8_gemm import fp8_mm, grouped_fp8_mm, grouped_fp8_wgrad
 
 
@@ -76,9 +76,8 @@ def _quantize_grad(dy, pow2: bool, needs: tuple[bool, bool], t_blocks: str = "12
     """dy quantized 1x128 (dgrad) and transposed in t_blocks (wgrad), each only if needed."""
     if needs[0] and needs[1]:
         return quantize_act_dual(dy, pow2, t_blocks)
-    quantize_t = quantize_act_128x1_t if t_blocks == "128x1" else quantize_act_128x128_t
     return (quantize_act_1x128(dy, pow2) if needs[0] else (None, None),
-            quantize_t(dy, pow2) if needs[1] else (None, None))
+            quantize_act_t(dy, pow2, t_blocks) if needs[1] else (None, None))
 
 
 class _Fp8LinearFn(torch.autograd.Function):

@@ -207,6 +207,18 @@ def _quant_128x1_t_kernel(x_ptr, q_ptr, s_ptr, M, K, Mp, stride_xm, POW2: tl.con
 
 
 @triton.jit
+def _store_block_scale(s_ptr, sp_ptr, row, col, ncols, SP_ROW, s):
+    """One 128x128 block's scale s at [row, col] of the [rows, ncols] scales (s_ptr) and of their
+    copy with rows padded to SP_ROW (sp_ptr, cuBLAS's 128x128 scale layout); a row's last block
+    also writes 1 into that row's padding."""
+    tl.store(s_ptr + row * ncols + col, s)
+    tl.store(sp_ptr + row * SP_ROW + col, s)
+    if col == ncols - 1:
+        pad = tl.arange(0, 4)
+        tl.store(sp_ptr + row * SP_ROW + ncols + pad, tl.full((4,), 1.0, tl.float32), mask=ncols + pad < SP_ROW)
+
+
+@triton.jit
 def _quant_dual_tile_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, stride_xm, POW2: tl.constexpr,
                             FAST_DIV: tl.constexpr, G: tl.constexpr):
     """Program (kb, mb): one 128x128 tile of x, loaded once and held in registers -> both
@@ -260,12 +272,7 @@ def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, stp_ptr, M, K
             x_cols = _load_rows(x_ptr, mb * 128, rk_cols, M, K, stride_xm, 128, G, "")
             qt = _divide(x_cols.to(tl.float32), st, 0, POW2, FAST_DIV)
             _store_128x1_t(qt_ptr, qt, rm, rk_cols, K, Mp)
-        nmb = Mp // 128
-        tl.store(st_ptr + kb * nmb + mb, s_blk)
-        tl.store(stp_ptr + kb * STP_ROW + mb, s_blk)
-        if mb == nmb - 1:
-            pad = tl.arange(0, 4)
-            tl.store(stp_ptr + kb * STP_ROW + nmb + pad, tl.full((4,), 1.0, tl.float32), mask=nmb + pad < STP_ROW)
+        _store_block_scale(st_ptr, stp_ptr, kb, mb, Mp // 128, STP_ROW, s_blk)
     else:
         for h in tl.static_range(128 // SUB):
             rk_cols = kb * 128 + h * SUB + tl.arange(0, SUB)
@@ -304,11 +311,7 @@ def _quant_128x128_kernel(w_ptr, q_ptr, s_ptr, sp_ptr, qt_ptr, st_ptr, stp_ptr, 
     s = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), POW2)
     q = _block_divide(w, s, POW2)
     tl.store(q_ptr + offs, q.to(q_ptr.dtype.element_ty))
-    tl.store(s_ptr + pid * kbs + kb, s)
-    pad = tl.arange(0, 4)
-    tl.store(sp_ptr + pid * SP_ROW + kb, s)
-    if kb == kbs - 1:
-        tl.store(sp_ptr + pid * SP_ROW + kbs + pad, tl.full((4,), 1.0, tl.float32), mask=kbs + pad < SP_ROW)
+    _store_block_scale(s_ptr, sp_ptr, pid, kb, kbs, SP_ROW, s)
     # q^T: the block read again along N (from L1/L2) and quantized with the same s. Not tl.trans(q):
     # on the H200 (Triton 3.6) that transpose of the e4m3 block wrote corrupt rows here.
     if TRANSPOSE:
@@ -316,11 +319,7 @@ def _quant_128x128_kernel(w_ptr, q_ptr, s_ptr, sp_ptr, qt_ptr, st_ptr, stp_ptr, 
         qt = _block_divide(wt, s, POW2)
         tl.store(qt_ptr + e.to(tl.int64) * N * K + rk[:, None].to(tl.int64) * N + rn[None, :],
                  qt.to(qt_ptr.dtype.element_ty))
-        row_t = e * kbs + kb
-        tl.store(st_ptr + row_t * nbs + nb, s)
-        tl.store(stp_ptr + row_t * STP_ROW + nb, s)
-        if nb == nbs - 1:
-            tl.store(stp_ptr + row_t * STP_ROW + nbs + pad, tl.full((4,), 1.0, tl.float32), mask=nbs + pad < STP_ROW)
+        _store_block_scale(st_ptr, stp_ptr, e * kbs + kb, nb, nbs, STP_ROW, s)
 
 
 def _row_major_input(x: torch.Tensor) -> torch.Tensor:
