@@ -12,11 +12,12 @@ Prints ONE JSON object:
              step (one GEMM, one 1x128 / 128x1 activation quantization).
   grouped[]: the MoE expert projection (E experts x tokens each, hidden -> ffn), forward+backward
              and forward, bf16 ``torch._grouped_mm`` (autograd) vs ``fp8_grouped_linear`` (Triton
-             grouped block-scaled kernels on CUDA).
+             grouped block-scaled kernels on CUDA; fp32 and power-of-two scales); eager rounds and,
+             on CUDA, the CUDA-graph GPU time as for linear[].
   summary:   the speedup at the large linear shapes against the 1.4x target.
 Also the relative error of each FP8 forward vs the bf16 one (e4m3 rounding, ~3-4%).
 
-    python bench/fp8_gemm.py --device cuda
+    python bench/fp8_gemm.py --device cuda [--sections linear,grouped]
     python bench/fp8_gemm.py --device cpu --quick      # tiny shapes, emulation (checks it runs)
 
 Per-kernel GPU time and host time of one step: bench/fp8_trace.py.
@@ -224,7 +225,8 @@ def bench_grouped(E, T, K, N, dev, iters):
     dy = torch.randn(M, N, generator=g).to(dev, torch.bfloat16)
     out = {"experts": E, "tokens_per_expert": T, "hidden": K, "ffn": N}
     steps = {"bf16": fwd_bwd(lambda: bf16_grouped(x, w, offs), (x, w), dy, w),
-             "fp8": fwd_bwd(lambda: fp8_grouped_linear(x, w, offs), (x, w), dy, w)}
+             "fp8": fwd_bwd(lambda: fp8_grouped_linear(x, w, offs), (x, w), dy, w),
+             "fp8_pow2": fwd_bwd(lambda: fp8_grouped_linear(x, w, offs, pow2_scales=True), (x, w), dy, w)}
     try:
         steps["bf16"]()
     except RuntimeError as e:  # a torch without _grouped_mm backward on this device
@@ -232,6 +234,10 @@ def bench_grouped(E, T, K, N, dev, iters):
         del steps["bf16"]
     t = {k: min(v) for k, v in alternating(steps, dev, iters, ROUNDS[dev]).items()}
     t_bf16, t_fp8 = t.get("bf16", float("nan")), t["fp8"]
+    if dev == "cuda" and "bf16" in steps:
+        g_times = interleaved_replays({k: cuda_graphed(f) for k, f in steps.items()}, GRAPH_REPS)
+        out.update({"fwd_bwd_gpu_ms_cuda_graphs": {k: round(statistics.median(v), 3) for k, v in g_times.items()},
+                    "fwd_bwd_speedup_cuda_graphs": median_speedups(g_times, "bf16")})
     xd, wd = x.detach(), w.detach()
     with torch.no_grad():
         f_bf16 = timeit(lambda: bf16_grouped(xd, wd, offs), dev, iters)
@@ -249,9 +255,11 @@ def bench_grouped(E, T, K, N, dev, iters):
         gemm_err = rel(fp8_gemm.grouped_fp8_mm(qx, sx, qw, sw, offs),
                        fp8_gemm.grouped_fp8_mm_reference(qx, sx, qw, sw, offs))
     flops = 6 * M * N * K
-    out.update({"fwd_bwd_ms": {"bf16_grouped_mm": round(t_bf16, 3), "fp8": round(t_fp8, 3)},
+    out.update({"fwd_bwd_ms": {"bf16_grouped_mm": round(t_bf16, 3), "fp8": round(t_fp8, 3),
+                               "fp8_pow2": round(t["fp8_pow2"], 3)},
                 "fwd_bwd_tflops": {"bf16_grouped_mm": round(flops / t_bf16 / 1e9, 1), "fp8": round(flops / t_fp8 / 1e9, 1)},
                 "fwd_bwd_speedup_fp8": round(t_bf16 / t_fp8, 3),
+                "fwd_bwd_speedup_fp8_pow2": round(t_bf16 / t["fp8_pow2"], 3),
                 "fwd_ms": {"bf16_grouped_mm": round(f_bf16, 3), "fp8": round(f_fp8, 3)},
                 "fwd_speedup_fp8": round(f_bf16 / f_fp8, 3),
                 "fp8_grouped_gemm_ms": round(t_gemm, 3),
@@ -267,7 +275,9 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU check)")
     ap.add_argument("--iters", type=int, default=None)
+    ap.add_argument("--sections", default="linear,grouped", help="comma-separated: linear, grouped")
     args = ap.parse_args()
+    sections = args.sections.split(",")
     dev = args.device
     iters = args.iters or (2 if args.quick or dev == "cpu" else 20)
     result = {"bench": "fp8_gemm", "device": dev, "torch": torch.__version__,
@@ -277,8 +287,10 @@ def main() -> None:
                                     "1x128_x_1x128": fp8_gemm.cublas_blockwise(dev, True),
                                     "128x128_x_1x128": fp8_gemm.cublas_blockwise(dev, True, blocks_a=True)}
                                    if dev == "cuda" else None)}
-    result["linear"] = [bench_linear(*s, dev, iters) for s in (QUICK_LINEAR if args.quick else LINEAR)]
-    result["grouped"] = [bench_grouped(*s, dev, iters) for s in (QUICK_GROUPED if args.quick else GROUPED)]
+    result["linear"] = ([bench_linear(*s, dev, iters) for s in (QUICK_LINEAR if args.quick else LINEAR)]
+                        if "linear" in sections else [])
+    result["grouped"] = ([bench_grouped(*s, dev, iters) for s in (QUICK_GROUPED if args.quick else GROUPED)]
+                         if "grouped" in sections else [])
     large = [r for r in result["linear"] if r["tokens"] >= LARGE]
     by_recipe = {k: [r["fwd_bwd_speedup"][k] for r in large] for k in RECIPES}
     medians = {k: [r["fwd_bwd_speedup_rounds"][k]["median_of_rounds"] for r in large] for k in RECIPES}
@@ -289,7 +301,10 @@ def main() -> None:
                          "large_linear_fwd_bwd_speedups_median_of_rounds": medians,
                          "large_linear_fwd_bwd_speedups_cuda_graphs_median_of_steps": graphed,
                          "target_met_by": [k for k, v in by_recipe.items() if v and min(v) >= 1.4],
-                         "grouped_fwd_bwd_speedups": [r["fwd_bwd_speedup_fp8"] for r in result["grouped"]]}
+                         "grouped_fwd_bwd_speedups": [r["fwd_bwd_speedup_fp8"] for r in result["grouped"]],
+                         "grouped_fwd_bwd_speedups_cuda_graphs": [
+                             {k: v["median_of_steps"] for k, v in r["fwd_bwd_speedup_cuda_graphs"].items()}
+                             for r in result["grouped"] if "fwd_bwd_speedup_cuda_graphs" in r]}
     print(json.dumps(result))
 
 
