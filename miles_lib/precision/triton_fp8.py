@@ -43,9 +43,10 @@ Design note.
   * Grouped wgrad: program (e, n, k) accumulates over the 128-token slabs that overlap expert e's
     rows; a slab may straddle two experts (its 128x1 scale then covers both), the other expert's
     tokens are zeroed in the A operand. No token padding per expert is needed. Both operands come
-    in through TMA descriptors (Triton >= 3.4); with ``PEEL`` only the first and last slab of an
-    expert are masked and the slabs inside it go from shared memory straight into the MMA
-    (1.3-1.4x faster when experts span several slabs; the autotuner picks PEEL per shape).
+    in through host-side TMA descriptors (``triton.tools.tensor_descriptor``). With ``PEEL`` only
+    the first and last slab of an expert are masked and the slabs inside it go from shared memory
+    straight into the MMA (1.3-1.4x faster when experts span several slabs; the autotuner picks
+    PEEL per shape).
 """
 
 from __future__ import annotations
