@@ -113,6 +113,14 @@ def cuda_graphed(step):
     return graph.replay
 
 
+def graphed_figures(steps: dict) -> dict:
+    """The steps (bf16 among them) as CUDA graphs replayed in turn: median GPU ms of each and the
+    speedups over bf16."""
+    times = interleaved_replays({k: cuda_graphed(f) for k, f in steps.items()}, GRAPH_REPS)
+    return {"fwd_bwd_gpu_ms_cuda_graphs": {k: round(statistics.median(v), 3) for k, v in times.items()},
+            "fwd_bwd_speedup_cuda_graphs": median_speedups(times, "bf16")}
+
+
 def rel(a, b) -> float:
     return round(((a.float() - b.float()).norm() / b.float().norm()).item(), 5)
 
@@ -148,11 +156,7 @@ def bench_linear(M, K, N, dev, iters):
     rounds = alternating(steps, dev, iters, ROUNDS[dev])
     t = {k: min(v) for k, v in rounds.items()}
     t_bf16, t_fp8 = t["bf16"], t["fp8"]
-    graphed = {}
-    if dev == "cuda":
-        g_times = interleaved_replays({k: cuda_graphed(f) for k, f in steps.items()}, GRAPH_REPS)
-        graphed = {"fwd_bwd_gpu_ms_cuda_graphs": {k: round(statistics.median(v), 3) for k, v in g_times.items()},
-                   "fwd_bwd_speedup_cuda_graphs": median_speedups(g_times, "bf16")}
+    graphed = graphed_figures(steps) if dev == "cuda" else {}
     xd, wd = x.detach(), w.detach()
     # gradient error vs fp32, for dy as drawn and for dy whose channels differ in scale by up to 10^4
     # (the 128x1 tiles of the wgrad already span 128 tokens; 128x128 dy blocks also span 128
@@ -235,9 +239,7 @@ def bench_grouped(E, T, K, N, dev, iters):
     t = {k: min(v) for k, v in alternating(steps, dev, iters, ROUNDS[dev]).items()}
     t_bf16, t_fp8 = t.get("bf16", float("nan")), t["fp8"]
     if dev == "cuda" and "bf16" in steps:
-        g_times = interleaved_replays({k: cuda_graphed(f) for k, f in steps.items()}, GRAPH_REPS)
-        out.update({"fwd_bwd_gpu_ms_cuda_graphs": {k: round(statistics.median(v), 3) for k, v in g_times.items()},
-                    "fwd_bwd_speedup_cuda_graphs": median_speedups(g_times, "bf16")})
+        out.update(graphed_figures(steps))
     xd, wd = x.detach(), w.detach()
     with torch.no_grad():
         f_bf16 = timeit(lambda: bf16_grouped(xd, wd, offs), dev, iters)

@@ -47,26 +47,10 @@ WG_CONFIGS = [(bn, bk, w, s) for bn, bk, w in ((128, 128, 8), (128, 128, 4), (64
 
 
 @triton.jit
-def _expert_tile(t, starts_ptr, ends_ptr, E, E_P2: tl.constexpr, BM: tl.constexpr):
-    """Row tile t of the expert-sorted rows -> (valid, expert, first row, expert's end row)."""
-    eidx = tl.arange(0, E_P2)
-    starts = tl.load(starts_ptr + eidx, mask=eidx < E, other=0)
-    ends = tl.load(ends_ptr + eidx, mask=eidx < E, other=0)
-    tiles = (ends - starts + BM - 1) // BM
-    cum = tl.cumsum(tiles, axis=0)
-    valid = t < tl.sum(tiles, axis=0)
-    e = tl.sum((cum <= t).to(tl.int32), axis=0)
-    first_tile = tl.sum(tl.where(eidx < e, tiles, 0), axis=0)
-    row0 = tl.sum(tl.where(eidx == e, starts, 0), axis=0) + (t - first_tile) * BM
-    row_end = tl.sum(tl.where(eidx == e, ends, 0), axis=0)
-    return valid, e, row0, row_end
-
-
-@triton.jit
 def _gmm_tma_kernel(a_desc, sa_ptr, b_desc, sb_ptr, c_ptr, starts_ptr, ends_ptr, N, K, E,
                     stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k,
                     E_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, STAGES: tl.constexpr):
-    valid, e, row0, row_end = _expert_tile(tl.program_id(0), starts_ptr, ends_ptr, E, E_P2, BM)
+    valid, e, row0, row_end = triton_fp8._expert_tile(tl.program_id(0), starts_ptr, ends_ptr, E, E_P2, BM)
     if not valid:
         return
     pid_n = tl.program_id(1)

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
-from miles_lib.precision.fp8 import BLOCK, FP8
+from miles_lib.precision.fp8 import BLOCK, FP8, WGRAD_GRAD_BLOCKS
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -394,7 +394,7 @@ def quantize_dual(x: torch.Tensor, pow2_scales: bool, *, paired_sub: int | None 
     max_registers=128). max_registers caps registers per thread (ptxas maxnreg). The defaults were
     the fastest on the H200 at every measured shape (bench/fp8_probe.py: 32768x7168 0.356 ms vs
     0.371 for the two kernels and 0.41 for the tile kernel; 32768x2048 0.107 vs 0.111 / 0.122)."""
-    if t_blocks not in ("128x1", "128x128") or (t_blocks == "128x128" and paired_sub is None):
+    if t_blocks not in WGRAD_GRAD_BLOCKS or (t_blocks == "128x128" and paired_sub is None):
         raise ValueError(f"quantize_dual: t_blocks={t_blocks!r} with paired_sub={paired_sub!r}; use '128x1', or "
                          "'128x128' with the paired kernel")
     x = _row_major_input(x)
@@ -480,6 +480,8 @@ _MM_CONFIGS = _configs([({"BM": 128, "BN": 128}, 8, 3), ({"BM": 128, "BN": 128},
                         ({"BM": 64, "BN": 128}, 4, 4), ({"BM": 128, "BN": 64}, 4, 4),
                         ({"BM": 64, "BN": 256}, 8, 3), ({"BM": 128, "BN": 256}, 8, 3),
                         ({"BM": 64, "BN": 64}, 4, 5)])
+
+
 def _wgrad_block_shapes(nargs) -> None:
     """Autotune pre-hook: the TMA descriptors' block shapes follow the config's BN / BK."""
     nargs["a_desc"].block_shape = [nargs["BN"], 128]
@@ -494,24 +496,32 @@ _WG_CONFIGS = [triton.Config(meta, num_warps=w, pre_hook=_wgrad_block_shapes) fo
      for bn, w in ((64, 4), (128, 8)) for st in (3, 4) for peel in (True, False)])]
 
 
-@triton.autotune(configs=_MM_CONFIGS, key=["N", "K"])
 @triton.jit
-def _grouped_mm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, starts_ptr, ends_ptr, N, K, E,
-                       stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k,
-                       E_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
-    t = tl.program_id(0)
-    pid_n = tl.program_id(1)
+def _expert_tile(t, starts_ptr, ends_ptr, E, E_P2: tl.constexpr, BM: tl.constexpr):
+    """Row tile t of the expert-sorted rows -> (valid, expert e, its first row, e's end row): a
+    prefix sum over the per-expert counts of BM-row tiles (t past the last tile: valid is False)."""
     eidx = tl.arange(0, E_P2)
     starts = tl.load(starts_ptr + eidx, mask=eidx < E, other=0)
     ends = tl.load(ends_ptr + eidx, mask=eidx < E, other=0)
     tiles = (ends - starts + BM - 1) // BM
     cum = tl.cumsum(tiles, axis=0)
-    if t >= tl.sum(tiles, axis=0):
-        return
+    valid = t < tl.sum(tiles, axis=0)
     e = tl.sum((cum <= t).to(tl.int32), axis=0)
     first_tile = tl.sum(tl.where(eidx < e, tiles, 0), axis=0)
     row0 = tl.sum(tl.where(eidx == e, starts, 0), axis=0) + (t - first_tile) * BM
     row_end = tl.sum(tl.where(eidx == e, ends, 0), axis=0)
+    return valid, e, row0, row_end
+
+
+@triton.autotune(configs=_MM_CONFIGS, key=["N", "K"])
+@triton.jit
+def _grouped_mm_kernel(a_ptr, sa_ptr, b_ptr, sb_ptr, c_ptr, starts_ptr, ends_ptr, N, K, E,
+                       stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k,
+                       E_P2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
+    valid, e, row0, row_end = _expert_tile(tl.program_id(0), starts_ptr, ends_ptr, E, E_P2, BM)
+    if not valid:
+        return
+    pid_n = tl.program_id(1)
     rm = row0 + tl.arange(0, BM)
     mmask = rm < row_end
     rn = pid_n * BN + tl.arange(0, BN)
