@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from miles_lib.model import native_cpu
 from miles_lib.model.config import ModelConfig
 
 
@@ -36,10 +37,14 @@ def grouped_linear(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor
     """Rows x[offs[e-1]:offs[e]] times w[e]^T for every expert e -> [M, O].
 
     ``offs_E`` are the int32 cumulative row counts (rows must be sorted by expert). Under
-    ``torch.compile`` (the rollout engine's compiled decode step) the same computation runs as the
-    opaque custom op ``miles::grouped_linear`` so the rest of the step compiles around it.
+    ``torch.compile`` (the rollout engine's compiled steps) the same computation runs as an opaque op
+    so the rest of the step compiles around it: on the CPU the native ``miles_cpu::grouped_linear``
+    once ``native_cpu.load()`` has built it (bitwise the same result, experts spread over threads),
+    otherwise the Python custom op ``miles::grouped_linear``.
     """
     if torch.compiler.is_compiling():
+        if x_MI.device.type == "cpu" and native_cpu.available():
+            return native_cpu.grouped_linear(x_MI, w_EOI, offs_E)
         return _grouped_linear_op(x_MI, w_EOI, offs_E)
     return _grouped_linear_eager(x_MI, w_EOI, offs_E)
 
@@ -128,7 +133,13 @@ class GroupedExperts(nn.Module):
 
 def experts_forward(x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor, gate_up_E2FD: torch.Tensor,
                     down_EDF: torch.Tensor, linear_fn=grouped_linear) -> torch.Tensor:
-    """sum_k w_Nk * down_e(silu(gate_e(x_N)) * up_e(x_N)) with one grouped GEMM per projection."""
+    """sum_k w_Nk * down_e(silu(gate_e(x_N)) * up_e(x_N)) with one grouped GEMM per projection.
+
+    Compiled on the CPU in fp32 with the plain grouped GEMM (the rollout engine's compiled steps), the
+    whole function is one native call, ``miles_cpu::moe_experts`` (model/native_cpu.py): the same
+    steps and kernels, without the per-step glue between them."""
+    if linear_fn is grouped_linear and torch.compiler.is_compiling() and native_cpu.fused_experts_ok(x_ND):
+        return native_cpu.moe_experts(x_ND, ids_NK, w_NK, gate_up_E2FD, down_EDF)
     N, K = ids_NK.shape
     E, F2 = gate_up_E2FD.shape[0], gate_up_E2FD.shape[1] // 2
     flat_ids = ids_NK.reshape(-1)

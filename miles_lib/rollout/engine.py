@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterable
 import torch
 
 from miles_lib.errors import ConfigError
+from miles_lib.model import native_cpu
 from miles_lib.rollout.steps import CudaGraphDecodeStep, compile_step, decode_step, prefill_forward
 from miles_lib.rollout.kv_cache import SlotKVCache
 from miles_lib.rollout.sampling import SamplingParams, request_uniforms, sample_next
@@ -112,6 +113,8 @@ class RolloutEngine:
         self._busy = False
         # the whole decode step (model, sampler, bookkeeping) and / or the prefill forward as compiled
         # graphs (steps.py): a one-time compile (~10-40 s on CPU each) for faster CPU steps
+        if (compile_decode or compile_prefill) and self.device.type == "cpu":
+            native_cpu.load()  # the expert GEMMs as a native op in the compiled graphs (model/native_cpu.py)
         self._decode_step = compile_step(decode_step, self.device) if compile_decode else decode_step
         self._prefill_forward = compile_step(prefill_forward, self.device) if compile_prefill else prefill_forward
         # CUDA: replay decode steps from CUDA graphs (padded batch / window buckets; steps.py)
@@ -129,8 +132,7 @@ class RolloutEngine:
         c = self.config
         kv = 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * self.dtype.itemsize
         routes = self.num_moe_layers * self.top_k * routes_dtype(c.num_experts).itemsize
-        q_stage = c.num_attention_heads * c.head_dim * self.dtype.itemsize  # kv_cache.py, compiled decode
-        return max_len * (kv + routes + 8 + 4 + 4) + q_stage  # + tokens (int64), logp, uniforms
+        return max_len * (kv + routes + 8 + 4 + 4)  # + tokens (int64), logp, uniforms
 
     # ---- weights -----------------------------------------------------------------------------
     @torch.no_grad()
@@ -353,8 +355,7 @@ class RolloutEngine:
         self._cache = self._state = None  # free the old buffers before allocating the new ones
         if self._graphs is not None:
             self._graphs.reset()
-        self._cache = SlotKVCache(c.num_hidden_layers, S, L, c.num_key_value_heads, c.head_dim, self.dtype, self.device,
-                                  n_q_heads=c.num_attention_heads)
+        self._cache = SlotKVCache(c.num_hidden_layers, S, L, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
         self._state = SlotState.allocate(S, L, self.num_moe_layers, self.top_k, c.num_experts, M, self.device)
 
     def _prefill(self, waiting: collections.deque[_Request], running: list[_Request]) -> tuple[int, torch.Tensor]:
