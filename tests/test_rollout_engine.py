@@ -239,3 +239,14 @@ def test_padded_decode_steps_match_the_unpadded_engine(model, prompts):
     ref = RolloutEngine(model, max_concurrent_seqs=5).generate(prompts, params)
     assert_aligned(model, padded)
     assert [(s.tokens, s.status) for s in padded] == [(s.tokens, s.status) for s in ref]
+
+
+def test_rope_table_rows_equal_the_on_the_fly_rope():
+    from miles_lib.model.layers import RotaryEmbedding
+
+    rotary = RotaryEmbedding(32, 10000.0)
+    cos_t, sin_t = rotary.table(97)
+    pos = torch.tensor([[0, 5, 96], [17, 3, 40]])
+    for dtype in (torch.float32, torch.bfloat16):
+        cos, sin = rotary(pos, dtype)
+        assert torch.equal(cos_t[pos].to(dtype), cos) and torch.equal(sin_t[pos].to(dtype), sin)

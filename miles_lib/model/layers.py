@@ -45,6 +45,13 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
+    @torch.no_grad()
+    def table(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """fp32 cos, sin [length, Hd] of positions [0, length): the same ops as ``forward``, so a
+        gathered row equals what ``forward`` computes for that position."""
+        cos, sin = self.forward(torch.arange(length, device=self.inv_freq.device)[None], torch.float32)
+        return cos[0], sin[0]
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -62,7 +69,11 @@ class KVCache(Protocol):
     ``attend`` stores this step's keys/values for ``layer_idx`` and returns the attention output of
     the step's queries over everything cached for their sequences (causal within the step).
     q: [B, H, T, Hd], k/v: [B, G, T, Hd] (RoPE applied) -> [B, H, T, Hd].
+    ``rope_tables``: None, or fp32 (cos, sin) [L, Hd] of positions [0, L) (``RotaryEmbedding.table``)
+    that the model gathers instead of evaluating cos / sin every forward.
     """
+
+    rope_tables: tuple[torch.Tensor, torch.Tensor] | None
 
     def attend(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor: ...
 

@@ -113,7 +113,10 @@ class MoEForCausalLM(nn.Module):
                 raise ValueError(f"routed_experts has shape {tuple(routed_experts.shape)}, "
                                  f"expected [B, T, num_moe_layers, top_k] = {list(want)}")
         h = self.model.embed_tokens(input_ids)
-        cos, sin = self.model.rotary(position_ids, h.dtype)
+        if kv_cache is not None and kv_cache.rope_tables is not None:  # the engine's precomputed rows
+            cos, sin = (t[position_ids].to(h.dtype) for t in kv_cache.rope_tables)
+        else:
+            cos, sin = self.model.rotary(position_ids, h.dtype)
         mask = None if kv_cache is not None else causal_padding_mask(attention_mask, B, T, h.device)
         routing, own_topk = [], []
         for layer in self.model.layers:

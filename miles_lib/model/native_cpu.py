@@ -1,5 +1,5 @@
-"""Native (C++) CPU ops for the rollout engine's compiled steps: ``miles_cpu::moe_experts`` and
-``miles_cpu::grouped_linear``.
+"""Native (C++) CPU ops for the rollout engine's compiled steps: ``miles_cpu::moe_experts``,
+``miles_cpu::grouped_linear`` and ``miles_cpu::decode_attention``.
 
 Why. Inductor has no fp32 ``_grouped_mm`` on the CPU, so the compiled steps (rollout/steps.py) ran the
 expert GEMMs through the Python custom op ``miles::grouped_linear``: every one of the 2 x
@@ -18,11 +18,16 @@ threads.
 Experts are cut into ``min(threads, E)`` contiguous chunks of about equal row counts (expert e goes
 to chunk floor(T * mid_e / M), mid_e = its middle row); each thread runs its chunk. A GEMM is the
 one BLAS call ATen's CPU ``mm`` makes for the same operands (``sgemm_`` for fp32,
-``at::cpu::mm_out`` otherwise) and SiLU / multiply are ATen's CPU kernels, so the results are
-bitwise those of ``experts_forward`` / ``grouped_linear`` whenever the eager GEMMs run on one MKL
-thread per expert (with 1-2 intra-op threads in tests/test_native_cpu.py; with more, MKL may thread
-a large expert's eager GEMM and round a last bit differently). Inference only: no autograd formula;
-the engine's compiled steps run without gradients.
+``at::cpu::mm_out`` otherwise) and SiLU / multiply are ATen's CPU kernels, so on one intra-op
+thread the results are bitwise those of ``experts_forward`` / ``grouped_linear``. On several, each
+expert's GEMM runs on one thread inside its chunk, while eager MKL may split a GEMM across threads
+and round the last bits differently (within 1e-6 relative in tests/test_native_cpu.py).
+
+    decode_attention:  one decode query per sequence against its cached keys [0, pos_b] (fp32):
+        per (sequence, head) the scores, a max-subtracted softmax and the weighted sum of the value
+        rows in one pass (rollout/kv_cache.py); within fp32 rounding of SDPA with the same mask.
+
+Inference only: no autograd formulas; the engine's compiled steps run without gradients.
 
 Built on first use with ``torch.utils.cpp_extension.load_inline`` (~30 s on 2 cores; cached under
 ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). The compiled CPU step needs a C++
@@ -44,7 +49,9 @@ _SOURCE = r"""
 #include <ATen/ops/mul_cpu_dispatch.h>
 #include <ATen/ops/silu_cpu_dispatch.h>
 #include <algorithm>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -188,13 +195,75 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   return out;
 }
 
+// Decode attention of one new query per sequence against its cached keys (fp32):
+//   q [B, H, 1, Hd], K / V [B, G, W, Hd] (views of the cache; any strides with a contiguous Hd),
+//   pos [B]: sequence b attends to keys [0, pos[b]] (pos[b] < W); head h reads kv head h / (H / G).
+//   s_w = <q, k_w> / sqrt(Hd),  p = softmax_w(s),  out = sum_w p_w v_w
+// One (b, h) per task: the scores in a small buffer, max-subtracted exp, then the weighted sum of
+// the value rows. Within rounding (fp32) of SDPA with the same mask (tests/test_native_cpu.py).
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& K, const at::Tensor& V, const at::Tensor& pos) {
+  TORCH_CHECK(q.dim() == 4 && K.dim() == 4 && V.sizes() == K.sizes() && q.size(2) == 1 && q.size(0) == K.size(0) &&
+              q.size(3) == K.size(3) && q.size(1) % K.size(1) == 0 && pos.dim() == 1 && pos.size(0) == q.size(0),
+              "miles_cpu::decode_attention: expected q [B, H, 1, Hd], K and V [B, G, W, Hd], pos [B]");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && K.scalar_type() == at::kFloat && V.scalar_type() == at::kFloat &&
+              pos.scalar_type() == at::kLong, "miles_cpu::decode_attention: float32 q, K, V and int64 pos expected");
+  TORCH_CHECK(K.stride(3) == 1 && V.stride(3) == 1, "miles_cpu::decode_attention: K and V need a contiguous last dim");
+  const int64_t B = q.size(0), H = q.size(1), G = K.size(1), W = K.size(2), Hd = q.size(3), rep = H / G;
+  const at::Tensor qc = q.contiguous(), pc = pos.contiguous();
+  const int64_t* pp = pc.data_ptr<int64_t>();
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(pp[b] >= 0 && pp[b] < W, "miles_cpu::decode_attention: pos ", pp[b], " outside the window of ", W, " keys");
+  }
+  at::Tensor out = at::empty({B, H, 1, Hd}, q.options());
+  const float *qp = qc.data_ptr<float>(), *kp = K.data_ptr<float>(), *vp = V.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  const int64_t kb = K.stride(0), kg = K.stride(1), kw = K.stride(2), vb = V.stride(0), vg = V.stride(1), vw = V.stride(2);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(Hd));
+  at::parallel_for(0, B * H, 8, [&](int64_t begin, int64_t end) {
+    std::vector<float> s(W);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, g = (bh % H) / rep, n = pp[b] + 1;
+      const float* qv = qp + bh * Hd;
+      const float* kbase = kp + b * kb + g * kg;
+      const float* vbase = vp + b * vb + g * vg;
+      float m = -std::numeric_limits<float>::infinity();
+      for (int64_t w = 0; w < n; ++w) {
+        const float* kr = kbase + w * kw;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < Hd; ++d) dot += qv[d] * kr[d];
+        s[w] = dot * scale;
+        m = std::max(m, s[w]);
+      }
+      float sum = 0.0f;
+      for (int64_t w = 0; w < n; ++w) {
+        s[w] = std::exp(s[w] - m);
+        sum += s[w];
+      }
+      float* o = op + bh * Hd;
+      for (int64_t d = 0; d < Hd; ++d) o[d] = 0.0f;
+      for (int64_t w = 0; w < n; ++w) {
+        const float* vr = vbase + w * vw;
+        const float p = s[w];
+#pragma omp simd
+        for (int64_t d = 0; d < Hd; ++d) o[d] += p * vr[d];
+      }
+      const float inv = 1.0f / sum;
+      for (int64_t d = 0; d < Hd; ++d) o[d] *= inv;
+    }
+  });
+  return out;
+}
+
 TORCH_LIBRARY(miles_cpu, m) {
   m.def("grouped_linear(Tensor x, Tensor w, Tensor offs) -> Tensor");
   m.def("moe_experts(Tensor x, Tensor ids, Tensor weights, Tensor gate_up, Tensor down) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor K, Tensor V, Tensor pos) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(miles_cpu, CPU, m) {
   m.impl("grouped_linear", &grouped_linear);
   m.impl("moe_experts", &moe_experts);
+  m.impl("decode_attention", &decode_attention);
 }
 """
 
@@ -217,7 +286,9 @@ def load() -> bool:
         try:
             from torch.utils.cpp_extension import load_inline
 
-            load_inline("miles_cpu_ops", cpp_sources=[_SOURCE], extra_cflags=["-O2", "-ffp-contract=off"], is_python_module=False)
+            name, flags = _build_flags()
+            load_inline(name, cpp_sources=[_SOURCE], extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                        is_python_module=False)
         except Exception as exc:  # no compiler, no headers, ...: the Python op still works
             _state["error"] = f"{type(exc).__name__}: {exc}"
             warnings.warn("the miles_cpu ops could not be built, so the compiled CPU steps keep the "
@@ -226,8 +297,19 @@ def load() -> bool:
             return False
         torch.library.register_fake("miles_cpu::grouped_linear")(_fake_grouped_linear)
         torch.library.register_fake("miles_cpu::moe_experts")(_fake_moe_experts)
+        torch.library.register_fake("miles_cpu::decode_attention")(_fake_decode_attention)
         _state["loaded"] = True
         return True
+
+
+def _build_flags() -> tuple[str, list[str]]:
+    """(extension name, compiler flags). ``-fopenmp``: ATen's ``parallel_for`` in a header is serial
+    without it. ``-ffp-contract=off``: no fused multiply-adds, so the weighted sum rounds as eager
+    does. AVX2 code only where ATen itself runs AVX2 or better (the name keeps the builds apart)."""
+    flags = ["-O3", "-fopenmp", "-ffp-contract=off"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        return "miles_cpu_ops_avx2", flags + ["-mavx2", "-mfma"]
+    return "miles_cpu_ops", flags
 
 
 def _fake_grouped_linear(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
@@ -236,6 +318,10 @@ def _fake_grouped_linear(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.
 
 def _fake_moe_experts(x_ND, ids_NK, w_NK, gate_up_E2FD, down_EDF):
     return torch.empty_like(x_ND)
+
+
+def _fake_decode_attention(q, K, V, pos):
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def grouped_linear(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
@@ -252,3 +338,13 @@ def moe_experts(x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor, ga
 def fused_experts_ok(x_ND: torch.Tensor) -> bool:
     """Whether ``moe_experts`` can run this layer: the op is built and the activations are fp32 CPU."""
     return available() and x_ND.device.type == "cpu" and x_ND.dtype == torch.float32
+
+
+def decode_attention(q_BH1D: torch.Tensor, K_BGWD: torch.Tensor, V_BGWD: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
+    """One decode query per sequence against its cached keys [0, pos_b] (fp32, after ``load()``)."""
+    return torch.ops.miles_cpu.decode_attention(q_BH1D, K_BGWD, V_BGWD, pos_B)
+
+
+def decode_attention_ok(q: torch.Tensor) -> bool:
+    """Whether ``decode_attention`` can run: the op is built and the query is fp32 on the CPU."""
+    return available() and q.device.type == "cpu" and q.dtype == torch.float32

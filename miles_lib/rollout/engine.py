@@ -99,7 +99,8 @@ class RolloutEngine:
         slots = max_concurrent_seqs
         if max_cache_bytes is not None:
             per_slot = self.bytes_per_slot(self.max_seq_len)
-            slots = min(slots, max_cache_bytes // per_slot)
+            rope = 2 * self.max_seq_len * cfg.head_dim * 4  # the cache's fp32 RoPE tables (kv_cache.py)
+            slots = min(slots, max(0, max_cache_bytes - rope) // per_slot)
             if slots < 1:
                 raise ValueError(f"RolloutEngine: max_cache_bytes={max_cache_bytes} cannot hold one sequence of "
                                  f"max_seq_len={self.max_seq_len} ({per_slot} bytes); raise it or lower max_seq_len")
@@ -355,7 +356,8 @@ class RolloutEngine:
         self._cache = self._state = None  # free the old buffers before allocating the new ones
         if self._graphs is not None:
             self._graphs.reset()
-        self._cache = SlotKVCache(c.num_hidden_layers, S, L, c.num_key_value_heads, c.head_dim, self.dtype, self.device)
+        self._cache = SlotKVCache(c.num_hidden_layers, S, L, c.num_key_value_heads, c.head_dim, self.dtype, self.device,
+                                  rotary=self.model.model.rotary)
         self._state = SlotState.allocate(S, L, self.num_moe_layers, self.top_k, c.num_experts, M, self.device)
 
     def _prefill(self, waiting: collections.deque[_Request], running: list[_Request]) -> tuple[int, torch.Tensor]:

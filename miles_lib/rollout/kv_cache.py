@@ -16,10 +16,12 @@ the history, no allocation that grows with the sequence. The engine announces ea
       positions past the row's own length masked out.
 
 Both steps call ``F.scaled_dot_product_attention`` (fp32 accumulation on every backend), with
-``enable_gqa`` so the G kv heads are never repeated in memory, eager and compiled alike. (An
-elementwise decode attention written for inductor to fuse into one loop nest, kept here until
-2026-11-29, ran 2.5-4x slower than SDPA's CPU flash kernel at batch 64: 546-718 vs 200-222 us per
-layer with 2 threads, 1017-1473 vs 310-360 us with one.)
+``enable_gqa`` so the G kv heads are never repeated in memory -- except a decode step compiled on
+the CPU in fp32, which calls the native ``miles_cpu::decode_attention`` (model/native_cpu.py): per
+(sequence, head) the scores of keys [0, pos_b], a max-subtracted softmax and the weighted sum of the
+values, in one pass over the window. Measured per layer at batch 64, window 40, 2 threads: SDPA's
+CPU kernel 200-290 us (it allocates and masks per call), an elementwise version left to inductor to
+fuse 546-718 us (kept here until 2026-11-29).
 
 Shape legend: S slots, B running sequences, n prefill rows, H query heads, G kv heads, T step
 length, L cache positions, W decode window (<= L), Hd head dim.
@@ -30,21 +32,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from miles_lib.model import native_cpu
+
 
 class SlotKVCache:
     def __init__(self, num_layers: int, num_slots: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, rotary: torch.nn.Module | None = None) -> None:
         shape = (num_slots, n_kv_heads, max_len, head_dim)
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.num_slots, self.max_len, self.n_kv = num_slots, max_len, n_kv_heads
+        # RoPE cos / sin of every cache position, computed once: a forward gathers its rows rather than
+        # evaluating cos / sin (which a compiled step would redo inside every layer's q / k kernels)
+        self.rope_tables = None if rotary is None else rotary.table(max_len)
         # flat offset of (slot b, kv head g, position 0) in a buffer viewed as [S * G * L, Hd]
         self._row_base_SG = (torch.arange(num_slots * n_kv_heads, device=device) * max_len).view(num_slots, n_kv_heads)
         self._mode = "none"
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        rope = list(self.rope_tables or ())
+        return sum(t.numel() * t.element_size() for t in self.k + self.v + rope)
 
     # ---- step announcements (called by the engine before each forward) -------------------
     def begin_prefill(self, lo: int, n: int) -> None:
@@ -52,7 +60,7 @@ class SlotKVCache:
 
     def begin_decode(self, pos_B: torch.Tensor, window: int) -> None:
         B = pos_B.shape[0]
-        self._mode, self._B, self._window = "decode", B, window
+        self._mode, self._B, self._window, self._pos = "decode", B, window, pos_B
         self._write_idx = (self._row_base_SG[:B] + pos_B[:, None]).reshape(-1)  # [B * G]
         keys_W = torch.arange(window, device=pos_B.device)
         self._mask = (keys_W[None, :] <= pos_B[:, None])[:, None, None, :]  # [B, 1, 1, W]
@@ -76,6 +84,8 @@ class SlotKVCache:
         K.view(-1, Hd).index_copy_(0, self._write_idx, k.reshape(-1, Hd).to(K.dtype))
         V.view(-1, Hd).index_copy_(0, self._write_idx, v.reshape(-1, Hd).to(V.dtype))
         B, W = self._B, self._window
+        if torch.compiler.is_compiling() and native_cpu.decode_attention_ok(q):
+            return native_cpu.decode_attention(q, K[:B, :, :W], V[:B, :, :W], self._pos)
         return F.scaled_dot_product_attention(q, K[:B, :, :W], V[:B, :, :W], attn_mask=self._mask,
                                               enable_gqa=gqa)
 
