@@ -51,6 +51,7 @@ _SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <string>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -59,6 +60,12 @@ _SOURCE = r"""
 // goes to chunk min(T - 1, floor(T * (s + n / 2) / M)). The chunks run in parallel; within a chunk,
 // run(e, s, n) for each of its experts, then (optional) rows(first row, end row) once for the chunk,
 // then (optional) run2(e, s, n) for each of its experts again.
+// "<what><value><middle><limit><end>" as one std::string. TORCH_CHECK formatting integer arguments
+// itself crashed (SIGSEGV) in this extension under torch 2.11 / g++ 13.3 on the H200 host.
+inline std::string bad_value(const char* what, int64_t value, const char* middle, int64_t limit, const char* end) {
+  return std::string(what) + std::to_string(value) + middle + std::to_string(limit) + end;
+}
+
 inline int64_t num_chunks(int64_t E) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), E));
 }
@@ -151,7 +158,9 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   const int64_t* id = ic.data_ptr<int64_t>();
   std::vector<int64_t> start(E + 1, 0), fill(E, 0), order(M), rank(M);
   for (int64_t p = 0; p < M; ++p) {
-    TORCH_CHECK(id[p] >= 0 && id[p] < E, "miles_cpu::moe_experts: expert id ", id[p], " out of range [0, ", E, ")");
+    if (id[p] < 0 || id[p] >= E) {  // message built as one std::string (see bad_value)
+      TORCH_CHECK(false, bad_value("miles_cpu::moe_experts: expert id ", id[p], " out of range [0, ", E, ")"));
+    }
     ++start[id[p] + 1];
   }
   for (int64_t e = 0; e < E; ++e) start[e + 1] += start[e];
@@ -212,7 +221,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& K, const at::
   const at::Tensor qc = q.contiguous(), pc = pos.contiguous();
   const int64_t* pp = pc.data_ptr<int64_t>();
   for (int64_t b = 0; b < B; ++b) {
-    TORCH_CHECK(pp[b] >= 0 && pp[b] < W, "miles_cpu::decode_attention: pos ", pp[b], " outside the window of ", W, " keys");
+    if (pp[b] < 0 || pp[b] >= W) {
+      TORCH_CHECK(false, bad_value("miles_cpu::decode_attention: pos ", pp[b], " outside the window of ", W, " keys"));
+    }
   }
   at::Tensor out = at::empty({B, H, 1, Hd}, q.options());
   const float *qp = qc.data_ptr<float>(), *kp = K.data_ptr<float>(), *vp = V.data_ptr<float>();
