@@ -39,7 +39,7 @@ def grouped_linear(x_MI: torch.Tensor, w_EOI: torch.Tensor, offs_E: torch.Tensor
     ``offs_E`` are the int32 cumulative row counts (rows must be sorted by expert). Under
     ``torch.compile`` (the rollout engine's compiled steps) the same computation runs as an opaque op
     so the rest of the step compiles around it: on the CPU the native ``miles_cpu::grouped_linear``
-    once ``native_cpu.load()`` has built it (bitwise the same result, experts spread over threads),
+    once ``native_cpu.load()`` has built it (experts spread over threads; bitwise the same result on one),
     otherwise the Python custom op ``miles::grouped_linear``.
     """
     if torch.compiler.is_compiling():
@@ -138,7 +138,7 @@ def experts_forward(x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor
     Compiled on the CPU in fp32 with the plain grouped GEMM (the rollout engine's compiled steps), the
     whole function is one native call, ``miles_cpu::moe_experts`` (model/native_cpu.py): the same
     steps and kernels, without the per-step glue between them."""
-    if linear_fn is grouped_linear and torch.compiler.is_compiling() and native_cpu.fused_experts_ok(x_ND):
+    if linear_fn is grouped_linear and torch.compiler.is_compiling() and native_cpu.fp32_ops_ok(x_ND):
         return native_cpu.moe_experts(x_ND, ids_NK, w_NK, gate_up_E2FD, down_EDF)
     N, K = ids_NK.shape
     E, F2 = gate_up_E2FD.shape[0], gate_up_E2FD.shape[1] // 2

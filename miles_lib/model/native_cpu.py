@@ -53,48 +53,33 @@ _SOURCE = r"""
 #include <cstring>
 #include <string>
 #include <limits>
-#include <type_traits>
 #include <vector>
 
-// Experts are cut into T contiguous chunks of about equal row counts: expert e (rows [s, s + n) of M)
-// goes to chunk min(T - 1, floor(T * (s + n / 2) / M)). The chunks run in parallel; within a chunk,
-// run(e, s, n) for each of its experts, then (optional) rows(first row, end row) once for the chunk,
-// then (optional) run2(e, s, n) for each of its experts again.
 // "<what><value><middle><limit><end>" as one std::string. TORCH_CHECK formatting integer arguments
 // itself crashed (SIGSEGV) in this extension under torch 2.11 / g++ 13.3 on the H200 host.
 inline std::string bad_value(const char* what, int64_t value, const char* middle, int64_t limit, const char* end) {
   return std::string(what) + std::to_string(value) + middle + std::to_string(limit) + end;
 }
 
-inline int64_t num_chunks(int64_t E) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), E));
-}
-
-template <typename F, typename R = std::nullptr_t, typename F2 = std::nullptr_t>
-void for_expert_chunks(const std::vector<int64_t>& start, int64_t M, F run, R rows = nullptr, F2 run2 = nullptr) {
-  const int64_t E = static_cast<int64_t>(start.size()) - 1, T = num_chunks(E);
-  auto chunk = [&](int64_t c) {
-    int64_t first = -1, end = -1;
-    for (int64_t e = 0; e < E; ++e) {
-      const int64_t s = start[e], n = start[e + 1] - s;
-      if (n == 0 || std::min<int64_t>(T - 1, T * (2 * s + n) / (2 * M)) != c) continue;
-      if (first < 0) first = s;
-      end = s + n;
-      run(e, s, n);
-    }
-    if constexpr (!std::is_same_v<R, std::nullptr_t>) {
-      if (first >= 0) rows(first, end);
-    }
-    if constexpr (!std::is_same_v<F2, std::nullptr_t>) {
-      for (int64_t e = 0; e < E; ++e) {
-        const int64_t s = start[e], n = start[e + 1] - s;
-        if (n > 0 && std::min<int64_t>(T - 1, T * (2 * s + n) / (2 * M)) == c) run2(e, s, n);
-      }
-    }
-  };
+// Splits experts [0, E) into T = min(threads, E) contiguous ranges of about equal row counts: a
+// non-empty expert e (rows [s, s + n) of M) goes to chunk min(T - 1, floor(T * (s + n / 2) / M)),
+// an empty one stays with the expert before it. body(lo, hi) runs once per chunk (experts
+// [lo, hi), possibly none), the chunks in parallel.
+template <typename F>
+void for_expert_chunks(const std::vector<int64_t>& start, int64_t M, F body) {
+  const int64_t E = static_cast<int64_t>(start.size()) - 1;
+  const int64_t T = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), E));
   if (M == 0) return;
-  if (T == 1) { chunk(0); return; }
-  at::parallel_for(0, T, 1, [&](int64_t b, int64_t end) { for (int64_t c = b; c < end; ++c) chunk(c); });
+  std::vector<int64_t> lo(T + 1, E);  // chunk c runs experts [lo[c], lo[c + 1])
+  lo[0] = 0;
+  for (int64_t e = 0, owner = 0; e < E; ++e) {
+    const int64_t s = start[e], n = start[e + 1] - s;
+    if (n == 0) continue;
+    const int64_t c = std::min<int64_t>(T - 1, T * (2 * s + n) / (2 * M));
+    while (owner < c) lo[++owner] = e;
+  }
+  if (T == 1) { body(0, E); return; }
+  at::parallel_for(0, T, 1, [&](int64_t b, int64_t end) { for (int64_t c = b; c < end; ++c) body(lo[c], lo[c + 1]); });
 }
 
 // y [n, O] = x [n, I] @ w[O, I]^T, all row-major and contiguous, as the one BLAS call ATen's CPU mm
@@ -128,9 +113,13 @@ at::Tensor grouped_linear(const at::Tensor& x, const at::Tensor& w, const at::Te
   }
   TORCH_CHECK(start[E] == M, "miles_cpu::grouped_linear: offs[-1] must equal the row count");
   at::Tensor y = at::empty({M, w.size(1)}, x.options());
-  for_expert_chunks(start, M, [&](int64_t e, int64_t s, int64_t n) {
-    at::Tensor ys = y.narrow(0, s, n);
-    at::cpu::mm_out(ys, x.narrow(0, s, n), w.select(0, e).t());
+  for_expert_chunks(start, M, [&](int64_t lo, int64_t hi) {
+    for (int64_t e = lo; e < hi; ++e) {
+      const int64_t s = start[e], n = start[e + 1] - s;
+      if (n == 0) continue;
+      at::Tensor ys = y.narrow(0, s, n);
+      at::cpu::mm_out(ys, x.narrow(0, s, n), w.select(0, e).t());
+    }
   });
   return y;
 }
@@ -175,15 +164,22 @@ at::Tensor moe_experts(const at::Tensor& x, const at::Tensor& ids, const at::Ten
   const float* xp = xc.data_ptr<float>();
   float *xsp = xs.data_ptr<float>(), *hp = h.data_ptr<float>(), *ap = a.data_ptr<float>(), *yp = y.data_ptr<float>();
   const float *gup = guc.data_ptr<float>(), *dnp = dnc.data_ptr<float>();
-  for_expert_chunks(start, M, [&](int64_t e, int64_t s, int64_t n) {
-    for (int64_t r = s; r < s + n; ++r) std::memcpy(xsp + r * D, xp + (order[r] / K) * D, D * sizeof(float));
-    row_major_linear(xsp + s * D, gup + e * F2 * D, hp + s * F2, n, F2, D);
-  }, [&](int64_t s, int64_t end) {  // after a chunk's gate_up GEMMs: its rows' activation, then down
-    at::Tensor hs = h.narrow(0, s, end - s), as = a.narrow(0, s, end - s);
-    at::cpu::silu_out(as, hs.narrow(1, 0, F));
-    at::cpu::mul_out(as, as, hs.narrow(1, F, F));
-  }, [&](int64_t e, int64_t s, int64_t n) {
-    row_major_linear(ap + s * F, dnp + e * D * F, yp + s * D, n, D, F);
+  for_expert_chunks(start, M, [&](int64_t lo, int64_t hi) {
+    for (int64_t e = lo; e < hi; ++e) {  // gather the expert's rows, gate_up GEMM
+      const int64_t s = start[e], n = start[e + 1] - s;
+      for (int64_t r = s; r < s + n; ++r) std::memcpy(xsp + r * D, xp + (order[r] / K) * D, D * sizeof(float));
+      if (n > 0) row_major_linear(xsp + s * D, gup + e * F2 * D, hp + s * F2, n, F2, D);
+    }
+    const int64_t r0 = start[lo], r1 = start[hi];  // the chunk's rows: activation
+    if (r1 > r0) {
+      at::Tensor hs = h.narrow(0, r0, r1 - r0), as = a.narrow(0, r0, r1 - r0);
+      at::cpu::silu_out(as, hs.narrow(1, 0, F));
+      at::cpu::mul_out(as, as, hs.narrow(1, F, F));
+    }
+    for (int64_t e = lo; e < hi; ++e) {  // down GEMM
+      const int64_t s = start[e], n = start[e + 1] - s;
+      if (n > 0) row_major_linear(ap + s * F, dnp + e * D * F, yp + s * D, n, D, F);
+    }
   });
   at::Tensor out = at::empty({N, D}, x.options());
   const float* wp = wc.data_ptr<float>();
@@ -346,16 +342,12 @@ def moe_experts(x_ND: torch.Tensor, ids_NK: torch.Tensor, w_NK: torch.Tensor, ga
     return torch.ops.miles_cpu.moe_experts(x_ND, ids_NK, w_NK, gate_up_E2FD, down_EDF)
 
 
-def fused_experts_ok(x_ND: torch.Tensor) -> bool:
-    """Whether ``moe_experts`` can run this layer: the op is built and the activations are fp32 CPU."""
-    return available() and x_ND.device.type == "cpu" and x_ND.dtype == torch.float32
+def fp32_ops_ok(t: torch.Tensor) -> bool:
+    """Whether ``moe_experts`` / ``decode_attention`` can take ``t`` (activations or query): the ops
+    are built and ``t`` is fp32 on the CPU."""
+    return available() and t.device.type == "cpu" and t.dtype == torch.float32
 
 
 def decode_attention(q_BH1D: torch.Tensor, K_BGWD: torch.Tensor, V_BGWD: torch.Tensor, pos_B: torch.Tensor) -> torch.Tensor:
     """One decode query per sequence against its cached keys [0, pos_b] (fp32, after ``load()``)."""
     return torch.ops.miles_cpu.decode_attention(q_BH1D, K_BGWD, V_BGWD, pos_B)
-
-
-def decode_attention_ok(q: torch.Tensor) -> bool:
-    """Whether ``decode_attention`` can run: the op is built and the query is fp32 on the CPU."""
-    return available() and q.device.type == "cpu" and q.dtype == torch.float32

@@ -86,7 +86,7 @@ class SlotKVCache:
         K.view(-1, Hd).index_copy_(0, self._write_idx, k.reshape(-1, Hd).to(K.dtype))
         V.view(-1, Hd).index_copy_(0, self._write_idx, v.reshape(-1, Hd).to(V.dtype))
         B, W = self._B, self._window
-        if torch.compiler.is_compiling() and native_cpu.decode_attention_ok(q):
+        if torch.compiler.is_compiling() and native_cpu.fp32_ops_ok(q):
             return native_cpu.decode_attention(q, K[:B, :, :W], V[:B, :, :W], self._pos)
         return F.scaled_dot_product_attention(q, K[:B, :, :W], V[:B, :, :W], attn_mask=self._mask,
                                               enable_gqa=gqa)
