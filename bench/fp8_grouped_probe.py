@@ -12,6 +12,8 @@ wgrad dW_e = dy_e^T x_e -- the time (triton.testing.do_bench: median ms, L2 flus
       ptr       fprop / dgrad: the shipped kernel (pointer loads), config forced
       tma       fprop / dgrad: A and B tiles through TMA tensor descriptors (no per-row address
                 math, no masks: rows past an expert are loaded and their outputs not stored);
+      gluon     fprop / dgrad: ``gluon_fp8.grouped_mm`` (sm90 only: warp-specialized, persistent,
+                TMA producer warp + two consumer warpgroups), config = ring depth;
                 wgrad: the shipped TMA kernel with PEEL off (every slab masked)
       tma_peel  wgrad: the shipped kernel with PEEL on (only the, at most two, 128-token slabs
                 that straddle an expert boundary are masked)
@@ -41,6 +43,7 @@ SHAPES = [(64, 512, 2048, 768), (64, 512, 2048, 1536), (128, 256, 4096, 1536)]
 MM_CONFIGS = [(bm, bn, w, s) for bm, bn, w in ((64, 128, 4), (128, 128, 8), (128, 128, 4), (128, 256, 8),
                                                (64, 256, 4), (64, 256, 8), (128, 64, 4))
               for s in (3, 4, 5)]
+GL_CONFIGS = [(128, 128, 12, s) for s in (3, 4, 5, 6)]
 WG_CONFIGS = [(bn, bk, w, s) for bn, bk, w in ((128, 128, 8), (128, 128, 4), (64, 128, 4), (128, 256, 8),
                                                (256, 128, 8))
               for s in (3, 4)]
@@ -89,6 +92,9 @@ def gmm(variant: str, qa, sa, qb, sb, offs, cfg, out_dtype=torch.bfloat16):
     starts, ends = triton_fp8._starts_ends(offs)
     grid = (triton.cdiv(M, BM) + E, triton.cdiv(N, BN))
     common = (N, K, E, sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), sb.stride(2))
+    if variant == "gluon":
+        from miles_lib.precision import gluon_fp8
+        return gluon_fp8.grouped_mm(qa, sa, qb, sb, offs, out_dtype, stages=stages)
     if variant == "ptr":
         triton_fp8._grouped_mm_kernel.fn[grid](qa, sa, qb, sb, c, starts, ends, *common,
                                                E_P2=triton.next_power_of_2(E), BM=BM, BN=BN,
@@ -151,12 +157,12 @@ def check() -> dict:
     """Every candidate (one config each) against the dequantized reference on small shapes."""
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     out = {}
-    for shape in ((6, 100, 256, 128), (4, 256, 256, 256)):
+    for shape in ((6, 100, 256, 128), (4, 256, 256, 256), (5, 40, 128, 384), (3, 9, 384, 128)):
         ops = operands(*shape, dev)
         offs = ops["offs"]
         for gemm in ("fprop", "dgrad"):
             ref = fp8_gemm.grouped_fp8_mm_reference(*ops[gemm], offs)
-            for v in ("ptr", "tma"):
+            for v in ("ptr", "tma") + (("gluon",) if fp8_gemm.gluon_available() else ()):
                 out[f"{shape}/{gemm}/{v}"] = rel(gmm(v, *ops[gemm], offs, (64, 128, 4, 3), torch.float32), ref)
         ref = fp8_gemm.grouped_fp8_wgrad_reference(*ops["wgrad"], offs)
         for v in ("tma", "tma_peel"):
@@ -188,10 +194,10 @@ def bench_shape(E, T, K, N, quick: bool, gemms=("fprop", "dgrad", "wgrad"), only
                 row[name] = {"ms": round(t, 4), "tflops": round(flops / t / 1e9, 1)}
             except Exception as e:  # noqa: BLE001
                 row[name] = {"error": repr(e)[:300]}
-        variants = ("tma", "tma_peel") if gemm == "wgrad" else ("ptr", "tma")
+        variants = ("tma", "tma_peel") if gemm == "wgrad" else ("ptr", "tma", "gluon")
         variants = [v for v in variants if v in only_variants] if only_variants else variants
-        configs = WG_CONFIGS if gemm == "wgrad" else MM_CONFIGS
         for v in variants:
+            configs = WG_CONFIGS if gemm == "wgrad" else GL_CONFIGS if v == "gluon" else MM_CONFIGS
             runs = []
             for cfg in configs[:3] if quick else configs:
                 fn = gwg if gemm == "wgrad" else gmm

@@ -333,6 +333,34 @@ def test_gpu_cublas_gemms_match_reference():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("counts,K,N", [([100, 0, 150, 50], 512, 256),  # an empty expert
+                                        ([1, 63, 0, 200, 129, 64], 128, 384),  # one K slab, odd sizes
+                                        ([5], 256, 128),  # fewer rows than one warpgroup's 64
+                                        ([0, 0, 700], 384, 256)])  # experts 0, 1 empty
+def test_gpu_gluon_grouped_mm_matches_reference(counts, K, N):
+    """The sm90 Gluon grouped kernel (fprop / dgrad) against the dequantized per-expert reference,
+    fp32 and bf16 output; every row of every expert is written (the output block is freed NaNs
+    first, which the caching allocator hands back)."""
+    if not fp8_gemm.gluon_available():
+        pytest.skip("no sm90 GPU with Triton Gluon")
+    from miles_lib.precision import gluon_fp8
+    g = torch.Generator().manual_seed(7)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(int(offs[-1]), K, generator=g).cuda()
+    w = torch.randn(len(counts), N, K, generator=g).cuda()
+    qx, sx = fp8.quantize_act_1x128(x)
+    qw, sw = fp8.quantize_weight_128x128(w)
+    ref = grouped_ref(deq(qx, sx), deq(qw, sw), offs)
+    for stages in (2, gluon_fp8.STAGES):
+        del_nan = torch.full((x.shape[0], N), float("nan"), device="cuda")
+        del del_nan
+        out = gluon_fp8.grouped_mm(qx, sx, qw, sw, offs.cuda(), torch.float32, stages=stages)
+        assert rel(out, ref) < GPU_BOUND, stages
+    assert rel(gluon_fp8.grouped_mm(qx, sx, qw, sw, offs.cuda(), torch.bfloat16), ref) < 5e-3
+    assert rel(gluon_fp8.grouped_mm(qx, sx, qw, sw, offs.cuda(), torch.float32, num_programs=3), ref) < GPU_BOUND
+
+
+@pytest.mark.gpu
 def test_gpu_transpose_matches_torch():
     from miles_lib.precision import triton_fp8
     g = torch.Generator().manual_seed(14)

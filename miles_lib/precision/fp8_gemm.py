@@ -17,8 +17,9 @@ Design note.
     (B^T row-major, i.e. our [N, K] tensor), 1x128 scales outer-dim-major (stride (1, M)) and
     128x128 scales row-major; the exact layout a given torch accepts is found once per device by
     checking the candidates against the reference on a small problem (so torch 2.11 and 2.13
-    both work). CUDA grouped: the Triton kernels of ``triton_fp8`` (one launch for all experts;
-    a per-expert loop of GEMMs is ~10x slower than a grouped GEMM at MoE shapes).
+    both work). CUDA grouped: one launch for all experts (a per-expert loop of GEMMs is ~10x
+    slower than a grouped GEMM at MoE shapes): fprop / dgrad on the sm90 Gluon kernel of
+    ``gluon_fp8`` where it runs, else the Triton kernels of ``triton_fp8``, which also do the wgrad.
   * Accuracy on the GPU: vs the reference only the accumulation differs. Hopper FP8 tensor cores
     accumulate a 128-deep slab with reduced precision before the fp32 promotion (DeepSeek-V3
     reports ~14 bits); measured relative Frobenius error vs the fp32 reference is ~1.3e-4, the
@@ -27,11 +28,14 @@ Design note.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from miles_lib.precision.fp8 import BLOCK, dequantize_blockwise, triton_available
 
 _USE_FAST_PATHS = True  # tests flip this to compare the GPU kernels with the reference on the GPU
+_USE_GLUON = True  # grouped fprop / dgrad on sm90: the Gluon kernel (False: the Triton kernel)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,8 +217,23 @@ def _triton_ok(t: torch.Tensor) -> bool:
     return _USE_FAST_PATHS and t.is_cuda and triton_available()
 
 
+@functools.cache
+def gluon_available() -> bool:
+    """``gluon_fp8`` can run here: Triton with Gluon, and an sm90 GPU (its wgmma kernels)."""
+    if not (triton_available() and torch.cuda.get_device_capability() == (9, 0)):
+        return False
+    try:
+        import miles_lib.precision.gluon_fp8  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def grouped_fp8_mm(qa, sa, qb, sb, offs_E, out_dtype=torch.float32) -> torch.Tensor:
     """y[offs[e-1]:offs[e]] = A[rows of e] B[e]^T; A [M, K] 1x128, B [E, N, K] 128x128 -> [M, N]."""
+    if _USE_GLUON and _triton_ok(qa) and gluon_available():
+        from miles_lib.precision import gluon_fp8
+        return gluon_fp8.grouped_mm(qa, sa, qb, sb, offs_E, out_dtype)
     if _triton_ok(qa):
         from miles_lib.precision import triton_fp8
         return triton_fp8.grouped_mm(qa, sa, qb, sb, offs_E, out_dtype)

@@ -1,0 +1,252 @@
+"""Hopper (sm90) grouped block-scaled FP8 GEMM in Gluon: warp-specialized, persistent.
+
+Imported only when ``fp8_gemm.gluon_available()`` (Triton with Gluon, an sm90 GPU); otherwise the
+grouped experts run on the Triton kernels of ``triton_fp8``.
+
+Design note.
+  * Same contract as ``triton_fp8.grouped_mm`` (fprop y = x W_e^T and dgrad dx = dy W_e over the
+    expert-sorted rows): C[m, n] = sum_kb sA[m, kb] sB[e, n/128, kb] (qA[m, kb] . qB[e, n, kb]),
+    the fp32 promotion after every 128-deep K slab (DeepSeek-V3's recipe).
+  * Why not plain Triton: there, each slab's ``tl.dot`` is waited for before its product can be
+    scaled, and every warp of the CTA moves in lockstep (the shared-memory ring is recycled behind
+    a CTA-wide barrier), so the tensor cores idle while the scaling, the waits and the loads run;
+    the pointer-load version is not even software-pipelined (a 128x128 tile of 64-bit pointers per
+    operand does not fit the registers). Both reach ~460-510 TFLOP/s, no faster than bf16.
+  * Here (the DeepGEMM arrangement, written with Gluon's explicit TMA / mbarrier / wgmma):
+      - one producer warp streams A [64, 128] x 2 and B [BN, 128] slabs through a STAGES-deep
+        shared-memory ring with TMA (``ready[s]``: the bytes landed);
+      - two consumer warpgroups, 64 rows of the 128-row tile each, issue the slab's wgmma
+        (m64 n128 k32 x 4), wait for it, release the stage (``empty[s]``, two arrivals) and
+        promote: acc += P * sA[rows] * sB. The two warpgroups synchronise only through the ring,
+        so one's promotion runs while the other's wgmma occupies the tensor cores;
+      - persistent: one CTA per SM walks the (row tile, column tile) list; the producer runs
+        ahead into the next tile while the consumers store the previous one.
+  * Row tiles: each expert's rows are cut into 128-row tiles; a tiny Triton kernel writes the
+    table (expert, first row, expert end row) on the device (no host sync). A tile's TMA loads may
+    read rows of the next expert (or zeros past M); those rows are computed and not stored.
+  * Scales: each consumer thread loads its two rows' sA and the tile's sB one slab ahead.
+  * Output: a 64-row block that lies inside its expert (or runs past M, which TMA clips) goes out
+    by an asynchronous TMA store, overlapping the next tile; an expert's last block, whose rows
+    past the expert belong to the next one, by masked 16-byte stores.
+  * Measured (H200, bench/results/fp8_grouped_probe_gluon_h200.json and the GEMM breakdown of
+    fp8_gemm_grouped_h200_v7.json): 610-720 TFLOP/s for most expert shapes vs 430-510 for the
+    Triton kernel and bf16 ``torch._grouped_mm``; the same kernel without the promotion (wrong
+    numbers, a bound) reaches 900-1130, so the promotion is still ~35% of the time.
+    Tried and dropped: a second product register set so that slab k + 1's wgmma overlaps slab
+    k's promotion within a warpgroup (ptxas serializes the wgmmas: C7514 / C7515, and spills),
+    256-wide tiles (two 128-column products; spills, slower for dgrad).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from miles_lib.precision.triton_fp8 import _expert_tile
+
+_BM = 128  # rows per tile: two consumer warpgroups of 64
+_BN = 128  # one weight-block column per tile (one sB per slab)
+_TMA_STORE = gl.constexpr(True)  # full 64-row output blocks leave through TMA (asynchronous)
+
+
+@gluon.jit
+def _producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, tile_ptr, num_tiles, NT, N, KB):
+    """One warp: the A (two 64-row halves) and B slabs of every tile of this CTA into the ring."""
+    STAGES: gl.constexpr = b_bufs.shape[0]
+    BN: gl.constexpr = b_bufs.shape[1]
+    it = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        t = tile // NT
+        j = tile - t * NT
+        e = gl.load(tile_ptr + 3 * t)
+        row0 = gl.load(tile_ptr + 3 * t + 1)
+        if e >= 0:
+            for kb in range(KB):
+                s = it % STAGES
+                mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+                mbarrier.expect(ready.index(s), 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+                tma.async_copy_global_to_shared(a_desc, [row0, kb * 128], ready.index(s), a_bufs.index(2 * s))
+                tma.async_copy_global_to_shared(a_desc, [row0 + 64, kb * 128], ready.index(s),
+                                                a_bufs.index(2 * s + 1))
+                tma.async_copy_global_to_shared(b_desc, [e * N + j * BN, kb * 128], ready.index(s),
+                                                b_bufs.index(s))
+                it += 1
+
+
+@gluon.jit
+def _store_rows(c_ptr, acc, row0, row_end, col0, N):
+    """acc [64, C] (wgmma layout) into c[row0 : row0 + 64, col0 : col0 + C], rows < row_end only;
+    through a layout where each thread holds 8 consecutive columns (vector stores, 8 addresses
+    per thread instead of one per 2 elements)."""
+    C: gl.constexpr = acc.shape[1]
+    out: gl.constexpr = gl.BlockedLayout([1, 8], [32 * 8 // C, C // 8], [4, 1], [1, 0])
+    vals = gl.convert_layout(acc.to(c_ptr.dtype.element_ty), out)
+    rows = row0 + gl.arange(0, 64, gl.SliceLayout(1, out))
+    cols = col0 + gl.arange(0, C, gl.SliceLayout(0, out))
+    ptrs = c_ptr + gl.expand_dims(rows.to(gl.int64) * N, 1) + gl.expand_dims(cols, 0)
+    gl.store(ptrs, vals, mask=gl.expand_dims(rows < row_end, 1))
+
+
+@gluon.jit
+def _issue(a_bufs, b_bufs, ready, p, it, WG: gl.constexpr):
+    """Wait for ring slot it's data, start its wgmma into p's registers (use_acc=False: p's values
+    are not read) and return the in-flight product."""
+    STAGES: gl.constexpr = b_bufs.shape[0]
+    s = it % STAGES
+    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+    return warpgroup_mma(a_bufs.index(2 * s + WG), b_bufs.index(s).permute((1, 0)), p, use_acc=False,
+                         is_async=True)
+
+
+@gluon.jit
+def _retire(p, acc, scale, empty, it):
+    """Wait for slot it's product p, release the slot to the producer and promote: acc + p * scale."""
+    STAGES: gl.constexpr = empty.shape[0]
+    p = warpgroup_mma_wait(num_outstanding=0, deps=(p,))
+    mbarrier.arrive(empty.index(it % STAGES), count=1)
+    return p, acc + p * scale
+
+
+@gluon.jit
+def _slab_scale(sa_ptrs, rmask, sb_ptr_e, kb, KB, stride_sa_k, stride_sb_k):
+    """sA[rows, kb] sB[e, n-block, kb] as a [64, 1] column (zeros for kb >= KB: nothing is read)."""
+    sa = gl.load(sa_ptrs + kb * stride_sa_k, mask=rmask & (kb < KB), other=0.0)
+    return gl.expand_dims(sa, 1) * gl.load(sb_ptr_e + kb * stride_sb_k, mask=kb < KB, other=0.0)
+
+
+@gluon.jit
+def _consumer(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT, M, N,
+              KB, stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k, WG: gl.constexpr):
+    """Rows [64 WG, 64 WG + 64) of every tile of this CTA: per slab, issue its wgmma, wait, release
+    the slot, promote; then store the 64 x BN block."""
+    BN: gl.constexpr = b_bufs.shape[1]
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BN, 32])
+    p = gl.zeros([64, BN], gl.float32, mma)  # the product's registers
+    it = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        t = tile // NT
+        j = tile - t * NT
+        e = gl.load(tile_ptr + 3 * t)
+        row0 = gl.load(tile_ptr + 3 * t + 1)
+        row_end = gl.load(tile_ptr + 3 * t + 2)
+        if e >= 0:
+            rows = row0 + WG * 64 + gl.arange(0, 64, gl.SliceLayout(1, mma))
+            rmask = rows < row_end
+            sa_ptrs = sa_ptr + rows * stride_sa_m
+            sb_ptr_e = sb_ptr + e * stride_sb_e + j * stride_sb_n
+            acc = gl.zeros([64, BN], gl.float32, mma)
+            sc = _slab_scale(sa_ptrs, rmask, sb_ptr_e, 0, KB, stride_sa_k, stride_sb_k)
+            for kb in range(KB):
+                # the next slab's scales are loaded a whole slab ahead (masked past the last one)
+                sc_nxt = _slab_scale(sa_ptrs, rmask, sb_ptr_e, kb + 1, KB, stride_sa_k, stride_sb_k)
+                p = _issue(a_bufs, b_bufs, ready, p, it, WG)
+                p, acc = _retire(p, acc, sc, empty, it)
+                sc = sc_nxt
+                it += 1
+            r0 = row0 + WG * 64
+            if _TMA_STORE and ((r0 + 64 <= row_end) | (row_end == M)):
+                # every row is this expert's (or past M, where TMA clips): an asynchronous bulk
+                # store that overlaps the next tile's MMAs
+                tma.store_wait(0)  # this warpgroup's previous store has left its buffer
+                c_bufs.index(WG).store(acc.to(c_desc.dtype))
+                fence_async_shared()
+                tma.async_copy_shared_to_global(c_desc, [r0, j * BN], c_bufs.index(WG))
+            else:  # the expert's last tile: rows past row_end belong to the next expert
+                _store_rows(c_ptr, acc, r0, row_end, j * BN, N)
+    tma.store_wait(0)
+
+
+# the partitions' arguments lose constexpr-ness, so the warpgroup index is bound per function
+@gluon.jit
+def _consumer0(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT, M,
+               N, KB, stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k):
+    _consumer(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT, M, N,
+              KB, stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k, 0)
+
+
+@gluon.jit
+def _consumer1(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT, M,
+               N, KB, stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k):
+    _consumer(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT, M, N,
+              KB, stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k, 1)
+
+
+@gluon.jit
+def _grouped_mm_kernel(a_desc, b_desc, c_desc, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT, M, N, KB,
+                       stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k,
+                       STAGES: gl.constexpr, BN: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                       PRODUCER_REGS: gl.constexpr):
+    a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, 64, 128], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, 128], b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, 64, BN], c_desc.layout)  # one per consumer
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
+    cargs = (a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT, M, N, KB,
+             stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k)
+    gl.warp_specialize([
+        (_consumer0, cargs),
+        (_consumer1, cargs),
+        (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, tile_ptr, num_tiles, NT, N, KB)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+@triton.jit
+def _tile_table_kernel(starts_ptr, ends_ptr, out_ptr, E, E_P2: tl.constexpr, BM: tl.constexpr):
+    """Row tile t -> (expert, or -1 past the last tile; first row; the expert's end row)."""
+    t = tl.program_id(0)
+    valid, e, row0, row_end = _expert_tile(t, starts_ptr, ends_ptr, E, E_P2, BM)
+    tl.store(out_ptr + 3 * t, tl.where(valid, e, -1))
+    tl.store(out_ptr + 3 * t + 1, row0)
+    tl.store(out_ptr + 3 * t + 2, row_end)
+
+
+STAGES = 5  # ring slots of 32 KB (A 2 x [64, 128] + B [128, 128] e4m3); three with an fp32 output
+_REGS = (232, 40)  # per-thread registers: consumer warpgroup, producer warp (setmaxnreg)
+
+
+@functools.cache
+def _num_sms(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def grouped_mm(qa, sa, qb, sb, offs_E, out_dtype, stages: int = STAGES, num_programs: int | None = None
+               ) -> torch.Tensor:
+    """A [M, K] (1x128 scales [M, K/128], any strides) x B [E, N, K] (128x128 scales
+    [E, N/128, K/128]) per expert -> [M, N]; N and K multiples of 128."""
+    qa, qb = qa.contiguous(), qb.contiguous()
+    M, K = qa.shape
+    E, N, _ = qb.shape
+    c = torch.empty(M, N, dtype=out_dtype, device=qa.device)
+    if M == 0:
+        return c
+    c_dtype = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[out_dtype]
+    if out_dtype == torch.float32:
+        stages = min(stages, 3)  # the 64 KB of fp32 output buffers leave room for three ring slots
+    ends = offs_E.to(torch.int32).contiguous()
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    T = triton.cdiv(M, _BM) + E  # an upper bound on the row tiles
+    table = torch.empty(T, 3, dtype=torch.int32, device=qa.device)
+    _tile_table_kernel[(T,)](starts, ends, table, E, E_P2=triton.next_power_of_2(E), BM=_BM)
+    a_desc = TensorDescriptor.from_tensor(qa, [64, 128], gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv))
+    b_desc = TensorDescriptor.from_tensor(qb.view(E * N, K), [_BN, 128],
+                                          gl.NVMMASharedLayout.get_default_for([_BN, 128], gl.float8e4nv))
+    c_desc = TensorDescriptor.from_tensor(c, [64, _BN], gl.NVMMASharedLayout.get_default_for([64, _BN], c_dtype))
+    NT = N // _BN
+    num_tiles = T * NT
+    nprog = min(num_programs or _num_sms(qa.device.index or 0), num_tiles)
+    _grouped_mm_kernel[(nprog,)](a_desc, b_desc, c_desc, c, sa, sb, table, num_tiles, NT, M, N, K // 128,
+                                 sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), sb.stride(2),
+                                 STAGES=stages, BN=_BN, CONSUMER_REGS=_REGS[0], PRODUCER_REGS=_REGS[1],
+                                 num_warps=4)
+    return c
