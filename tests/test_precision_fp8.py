@@ -361,6 +361,37 @@ def test_gpu_gluon_grouped_mm_matches_reference(counts, K, N):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("counts,N,K", [([100, 0, 150, 50], 256, 512),  # an empty expert inside
+                                        ([1, 63, 0, 200, 129, 64], 384, 128),  # slabs shared by experts
+                                        ([300], 128, 256),  # one expert, a partial last slab
+                                        ([0, 0, 256, 0], 256, 128)])  # aligned; empty experts at the ends
+def test_gpu_gluon_grouped_wgrad_matches_reference(counts, N, K):
+    """The sm90 Gluon grouped wgrad (128x1 tiles along the tokens, slabs shared by two experts
+    masked per expert) against the dequantized per-expert reference; empty experts get zeros."""
+    if not fp8_gemm.gluon_available():
+        pytest.skip("no sm90 GPU with Triton Gluon")
+    from miles_lib.precision import gluon_fp8
+    g = torch.Generator().manual_seed(8)
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    dy = torch.randn(int(offs[-1]), N, generator=g).cuda()
+    x = torch.randn(int(offs[-1]), K, generator=g).cuda()
+    qdyt, sdyt = fp8.quantize_act_128x1_t(dy)
+    qxt, sxt = fp8.quantize_act_128x1_t(x)
+    ref = fp8_gemm.grouped_fp8_wgrad_reference(qdyt, sdyt, qxt, sxt, offs.cuda())
+    for e, c in enumerate(counts):
+        if c == 0:
+            assert ref[e].abs().max() == 0
+    for stages in (2, gluon_fp8.STAGES):
+        del_nan = torch.full((len(counts), N, K), float("nan"), device="cuda")
+        del del_nan
+        out = gluon_fp8.grouped_wgrad(qdyt, sdyt, qxt, sxt, offs.cuda(), torch.float32, stages=stages)
+        assert rel(out, ref) < GPU_BOUND, stages
+    assert rel(gluon_fp8.grouped_wgrad(qdyt, sdyt, qxt, sxt, offs.cuda(), torch.bfloat16), ref) < 5e-3
+    out = gluon_fp8.grouped_wgrad(qdyt, sdyt, qxt, sxt, offs.cuda(), torch.float32, num_programs=3)
+    assert rel(out, ref) < GPU_BOUND
+
+
+@pytest.mark.gpu
 def test_gpu_transpose_matches_torch():
     from miles_lib.precision import triton_fp8
     g = torch.Generator().manual_seed(14)

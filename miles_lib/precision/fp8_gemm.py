@@ -18,8 +18,8 @@ Design note.
     128x128 scales row-major; the exact layout a given torch accepts is found once per device by
     checking the candidates against the reference on a small problem (so torch 2.11 and 2.13
     both work). CUDA grouped: one launch for all experts (a per-expert loop of GEMMs is ~10x
-    slower than a grouped GEMM at MoE shapes): fprop / dgrad on the sm90 Gluon kernel of
-    ``gluon_fp8`` where it runs, else the Triton kernels of ``triton_fp8``, which also do the wgrad.
+    slower than a grouped GEMM at MoE shapes): the sm90 Gluon kernels of ``gluon_fp8`` where
+    they run, else the Triton kernels of ``triton_fp8``.
   * Accuracy on the GPU: vs the reference only the accumulation differs. Hopper FP8 tensor cores
     accumulate a 128-deep slab with reduced precision before the fp32 promotion (DeepSeek-V3
     reports ~14 bits); measured relative Frobenius error vs the fp32 reference is ~1.3e-4, the
@@ -35,7 +35,7 @@ import torch
 from miles_lib.precision.fp8 import BLOCK, dequantize_blockwise, triton_available
 
 _USE_FAST_PATHS = True  # tests flip this to compare the GPU kernels with the reference on the GPU
-_USE_GLUON = True  # grouped fprop / dgrad on sm90: the Gluon kernel (False: the Triton kernel)
+_USE_GLUON = True  # grouped GEMMs on sm90: the Gluon kernels (False: the Triton kernels)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,6 +242,9 @@ def grouped_fp8_mm(qa, sa, qb, sb, offs_E, out_dtype=torch.float32) -> torch.Ten
 
 def grouped_fp8_wgrad(qa_t, sa_t, qb_t, sb_t, offs_E, out_dtype=torch.float32) -> torch.Tensor:
     """dW[e] = sum over the tokens m of expert e of a_t[:, m] b_t[:, m]^T -> [E, N, K]."""
+    if _USE_GLUON and _triton_ok(qa_t) and gluon_available():
+        from miles_lib.precision import gluon_fp8
+        return gluon_fp8.grouped_wgrad(qa_t, sa_t, qb_t, sb_t, offs_E, out_dtype)
     if _triton_ok(qa_t):
         from miles_lib.precision import triton_fp8
         return triton_fp8.grouped_wgrad(qa_t, sa_t, qb_t, sb_t, offs_E, out_dtype)

@@ -46,8 +46,13 @@ import triton
 import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from miles_lib.precision.triton_fp8 import _expert_tile
@@ -201,6 +206,114 @@ def _grouped_mm_kernel(a_desc, b_desc, c_desc, c_ptr, sa_ptr, sb_ptr, tile_ptr, 
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
+# ---------------------------------------------------------------------------------------------
+# grouped wgrad: dW[e] = A_e B_e^T over expert e's tokens (128x1 tiles along the tokens)
+# ---------------------------------------------------------------------------------------------
+@gluon.jit
+def _wgrad_tile(tile, NT, KT, starts_ptr, ends_ptr):
+    """Tile -> (expert, n block, k block, the expert's first token, its end token)."""
+    e = tile // (NT * KT)
+    r = tile - e * (NT * KT)
+    nb = r // KT
+    return e, nb, r - nb * KT, gl.load(starts_ptr + e), gl.load(ends_ptr + e)
+
+
+@gluon.jit
+def _wgrad_producer(a_desc, b_desc, a_bufs, b_bufs, ready, empty, starts_ptr, ends_ptr, num_tiles, NT, KT):
+    """One warp: for every tile, the token slabs overlapping its expert: A [64, 128] x 2 (rows of
+    dy^T) and B [128, 128] (rows of x^T) into the ring."""
+    STAGES: gl.constexpr = b_bufs.shape[0]
+    it = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        _, nb, kb, start, end = _wgrad_tile(tile, NT, KT, starts_ptr, ends_ptr)
+        for mb in range(start // 128, (end + 127) // 128):
+            s = it % STAGES
+            mbarrier.wait(empty.index(s), ((it // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), 2 * a_desc.block_type.nbytes + b_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(a_desc, [nb * 128, mb * 128], ready.index(s), a_bufs.index(2 * s))
+            tma.async_copy_global_to_shared(a_desc, [nb * 128 + 64, mb * 128], ready.index(s), a_bufs.index(2 * s + 1))
+            tma.async_copy_global_to_shared(b_desc, [kb * 128, mb * 128], ready.index(s), b_bufs.index(s))
+            it += 1
+
+
+@gluon.jit
+def _wgrad_consumer(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, sa_ptr, sb_ptr, starts_ptr, ends_ptr, num_tiles,
+                    NT, KT, N, stride_sa_n, stride_sa_m, stride_sb_k, stride_sb_m, WG: gl.constexpr):
+    """Rows [64 WG, 64 WG + 64) of every tile: per slab, wgmma, wait, release, promote with the
+    row (dy) and column (x) scales of the slab; TMA-store the block (an expert without tokens
+    stores zeros)."""
+    STAGES: gl.constexpr = b_bufs.shape[0]
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 128, 32])
+    a_regs: gl.constexpr = gl.BlockedLayout([1, 16], [4, 8], [4, 1], [1, 0])  # 16-byte rows of A
+    p = gl.zeros([64, 128], gl.float32, mma)  # the product's registers
+    it = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        e, nb, kb, start, end = _wgrad_tile(tile, NT, KT, starts_ptr, ends_ptr)
+        rows = nb * 128 + WG * 64 + gl.arange(0, 64, gl.SliceLayout(1, mma))
+        cols = kb * 128 + gl.arange(0, 128, gl.SliceLayout(0, mma))
+        acc = gl.zeros([64, 128], gl.float32, mma)
+        for mb in range(start // 128, (end + 127) // 128):
+            s = it % STAGES
+            mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+            a = a_bufs.index(2 * s + WG)
+            b = b_bufs.index(s).permute((1, 0))
+            if (mb * 128 < start) | (mb * 128 + 128 > end):
+                # a slab shared with another expert: zero that expert's tokens in this warpgroup's
+                # own shared-memory copy of A before the wgmma reads it
+                tok = mb * 128 + gl.arange(0, 128, gl.SliceLayout(0, a_regs))
+                a_in = a.load(a_regs)
+                a.store(gl.where(gl.expand_dims((tok >= start) & (tok < end), 0), a_in, gl.zeros_like(a_in)))
+                fence_async_shared()
+            p = warpgroup_mma(a, b, p, use_acc=False, is_async=True)
+            # the scales load while the wgmma runs (not live across the A operand's registers)
+            sa = gl.load(sa_ptr + rows * stride_sa_n + mb * stride_sa_m)
+            sb = gl.load(sb_ptr + cols * stride_sb_k + mb * stride_sb_m)
+            p = warpgroup_mma_wait(num_outstanding=0, deps=(p,))
+            mbarrier.arrive(empty.index(s), count=1)
+            acc = acc + (p * gl.expand_dims(sa, 1)) * gl.expand_dims(sb, 0)
+            it += 1
+        tma.store_wait(0)  # this warpgroup's previous store has left its buffer
+        c_bufs.index(WG).store(acc.to(c_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(c_desc, [e * N + nb * 128 + WG * 64, kb * 128], c_bufs.index(WG))
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _wgrad_consumer0(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, sa_ptr, sb_ptr, starts_ptr, ends_ptr, num_tiles,
+                     NT, KT, N, stride_sa_n, stride_sa_m, stride_sb_k, stride_sb_m):
+    _wgrad_consumer(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, sa_ptr, sb_ptr, starts_ptr, ends_ptr, num_tiles,
+                    NT, KT, N, stride_sa_n, stride_sa_m, stride_sb_k, stride_sb_m, 0)
+
+
+@gluon.jit
+def _wgrad_consumer1(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, sa_ptr, sb_ptr, starts_ptr, ends_ptr, num_tiles,
+                     NT, KT, N, stride_sa_n, stride_sa_m, stride_sb_k, stride_sb_m):
+    _wgrad_consumer(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, sa_ptr, sb_ptr, starts_ptr, ends_ptr, num_tiles,
+                    NT, KT, N, stride_sa_n, stride_sa_m, stride_sb_k, stride_sb_m, 1)
+
+
+@gluon.jit
+def _grouped_wgrad_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, starts_ptr, ends_ptr, num_tiles, NT, KT, N,
+                          stride_sa_n, stride_sa_m, stride_sb_k, stride_sb_m, STAGES: gl.constexpr,
+                          CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+    a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, 64, 128], a_desc.layout)
+    b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, 128, 128], b_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, 64, 128], c_desc.layout)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(ready.index(i), count=1)
+        mbarrier.init(empty.index(i), count=2)
+    cargs = (a_bufs, b_bufs, ready, empty, c_desc, c_bufs, sa_ptr, sb_ptr, starts_ptr, ends_ptr, num_tiles, NT, KT, N,
+             stride_sa_n, stride_sa_m, stride_sb_k, stride_sb_m)
+    gl.warp_specialize([
+        (_wgrad_consumer0, cargs),
+        (_wgrad_consumer1, cargs),
+        (_wgrad_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, starts_ptr, ends_ptr, num_tiles, NT, KT)),
+    ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
 @triton.jit
 def _tile_table_kernel(starts_ptr, ends_ptr, out_ptr, E, E_P2: tl.constexpr, BM: tl.constexpr):
     """Row tile t -> (expert, or -1 past the last tile; first row; the expert's end row)."""
@@ -249,4 +362,36 @@ def grouped_mm(qa, sa, qb, sb, offs_E, out_dtype, stages: int = STAGES, num_prog
                                  sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), sb.stride(2),
                                  STAGES=stages, BN=_BN, CONSUMER_REGS=_REGS[0], PRODUCER_REGS=_REGS[1],
                                  num_warps=4)
+    return c
+
+
+def grouped_wgrad(qa_t, sa_t, qb_t, sb_t, offs_E, out_dtype, stages: int = STAGES,
+                  num_programs: int | None = None) -> torch.Tensor:
+    """a_t [N, M'] and b_t [K, M'] (128x1 scales along the tokens: [N, M'/128], [K, M'/128]) ->
+    dW [E, N, K], dW[e] = sum over expert e's tokens m of a_t[:, m] b_t[:, m]^T (zeros for an expert
+    without tokens); N and K multiples of 128."""
+    qa_t, qb_t = qa_t.contiguous(), qb_t.contiguous()
+    N, Mp = qa_t.shape
+    K = qb_t.shape[0]
+    E = offs_E.shape[0]
+    c = torch.empty(E, N, K, dtype=out_dtype, device=qa_t.device)
+    if Mp == 0:  # no tokens: a TMA descriptor cannot span an empty dim
+        return c.zero_()
+    c_dtype = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[out_dtype]
+    if out_dtype == torch.float32:
+        stages = min(stages, 3)
+    ends = offs_E.to(torch.int32).contiguous()
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    fp8_layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv)
+    a_desc = TensorDescriptor.from_tensor(qa_t, [64, 128], fp8_layout)
+    b_desc = TensorDescriptor.from_tensor(qb_t, [128, 128], gl.NVMMASharedLayout.get_default_for([128, 128],
+                                                                                                 gl.float8e4nv))
+    c_desc = TensorDescriptor.from_tensor(c.view(E * N, K), [64, 128],
+                                          gl.NVMMASharedLayout.get_default_for([64, 128], c_dtype))
+    NT, KT = N // 128, K // 128
+    num_tiles = E * NT * KT
+    nprog = min(num_programs or _num_sms(qa_t.device.index or 0), num_tiles)
+    _grouped_wgrad_kernel[(nprog,)](a_desc, b_desc, c_desc, sa_t, sb_t, starts, ends, num_tiles, NT, KT, N,
+                                    sa_t.stride(0), sa_t.stride(1), sb_t.stride(0), sb_t.stride(1),
+                                    STAGES=stages, CONSUMER_REGS=_REGS[0], PRODUCER_REGS=_REGS[1], num_warps=4)
     return c
