@@ -2,8 +2,8 @@
 
 References are written out here (dequantize by repeating each block scale, multiply in fp32), not
 taken from the library. GPU tests (``-m gpu``) check that the CUDA path quantizes bit-identically
-and that cuBLAS / the Triton grouped kernels match the same reference within the accumulation
-precision of FP8 tensor cores (bound 1e-3 relative Frobenius; measured ~1.3e-4 for cuBLAS).
+and that cuBLAS / the Gluon and Triton grouped kernels match the same reference within the
+accumulation precision of FP8 tensor cores (bound 1e-3 relative Frobenius; measured ~1.3e-4).
 """
 
 import functools
@@ -416,9 +416,12 @@ def test_fp8_mm_reads_block_sizes_from_scale_shapes_and_rejects_two_block_operan
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("use_gluon", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gpu_fp8_linear_and_grouped_match_cpu_emulation(dtype):
-    """The whole autograd path on CUDA (cuBLAS dense, Triton grouped) vs the CPU emulation."""
+def test_gpu_fp8_linear_and_grouped_match_cpu_emulation(dtype, use_gluon, monkeypatch):
+    """The whole autograd path on CUDA (cuBLAS dense; grouped on the Gluon kernels where they run,
+    and on the Triton kernels) vs the CPU emulation."""
+    monkeypatch.setattr(fp8_gemm, "_USE_GLUON", use_gluon)
     g = torch.Generator().manual_seed(6)
     tol = GPU_BOUND if dtype == torch.float32 else 8e-3
     x = torch.randn(300, 512, generator=g).to(dtype)

@@ -16,7 +16,8 @@ quantizes W for fprop, from one read of W) and the 128x1-quantized x (half the b
 so the backward never re-reads x or W in high precision. The master weight stays in its own dtype
 (bf16/fp32) and its gradient is returned in that dtype. Outputs are in x's dtype. Inference (no grad needed)
 skips the wgrad operand. Grouped: the same three GEMMs per expert over the expert-sorted rows
-(``offs_E``), run by one grouped kernel on the GPU and by the dequantized reference on the CPU.
+(``offs_E``), run by one grouped kernel per GEMM on the GPU (``fp8_gemm.grouped_fp8_mm`` /
+``grouped_fp8_wgrad``) and by the dequantized reference on the CPU.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Hopper (sm90) grouped block-scaled FP8 GEMM in Gluon: warp-specialized, persistent.
+"""Hopper (sm90) grouped block-scaled FP8 GEMMs in Gluon (fprop / dgrad and wgrad): warp-specialized,
+persistent.
 
 Imported only when ``fp8_gemm.gluon_available()`` (Triton with Gluon, an sm90 GPU); otherwise the
 grouped experts run on the Triton kernels of ``triton_fp8``.
@@ -28,10 +29,16 @@ Design note.
   * Output: a 64-row block that lies inside its expert (or runs past M, which TMA clips) goes out
     by an asynchronous TMA store, overlapping the next tile; an expert's last block, whose rows
     past the expert belong to the next one, by masked 16-byte stores.
-  * Measured (H200, bench/results/fp8_grouped_probe_gluon_h200.json and the GEMM breakdown of
-    fp8_gemm_grouped_h200_v7.json): 610-720 TFLOP/s for most expert shapes vs 430-510 for the
-    Triton kernel and bf16 ``torch._grouped_mm``; the same kernel without the promotion (wrong
-    numbers, a bound) reaches 900-1130, so the promotion is still ~35% of the time.
+  * Wgrad (``grouped_wgrad``, same contract as ``triton_fp8.grouped_wgrad``): tile (expert, 128
+    rows of dW, 128 columns); the ring carries the 128-token slabs that overlap the expert; the
+    promotion multiplies by the slab's row (dy) and column (x) scales. A slab shared with the
+    neighbouring expert (its 128x1 scales cover both) has the other expert's tokens zeroed in the
+    consumer's own shared-memory copy of A before the wgmma; an expert without tokens stores zeros.
+    The output blocks never cross experts, so all of them leave through TMA.
+  * Measured (H200, bench/results/README.md "Grouped experts on the Gluon kernels"): fprop / dgrad
+    550-720 TFLOP/s, the wgrad 340-580, vs 170-510 for the Triton kernels and 430-550 for bf16
+    ``torch._grouped_mm``; the mm kernel without the promotion (wrong numbers, a bound) reaches
+    900-1130, so the promotion is still ~35% of the time.
     Tried and dropped: a second product register set so that slab k + 1's wgmma overlaps slab
     k's promotion within a warpgroup (ptxas serializes the wgmmas: C7514 / C7515, and spills),
     256-wide tiles (two 128-column products; spills, slower for dgrad).

@@ -1,4 +1,6 @@
-"""Triton kernels for block-scaled FP8 on CUDA: fused quantization and grouped (MoE) GEMMs.
+"""Triton kernels for block-scaled FP8 on CUDA: fused quantization and grouped (MoE) GEMMs (the
+grouped GEMMs run on the faster sm90 Gluon kernels of ``gluon_fp8`` where those run; these serve
+other GPUs and ``fp8_gemm._USE_GLUON = False``).
 
 Imported only when a CUDA tensor meets a Triton-capable GPU (``fp8.triton_available``).
 
