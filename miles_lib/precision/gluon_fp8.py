@@ -38,7 +38,7 @@ Design note.
   * Measured (H200, bench/results/README.md "Grouped experts on the Gluon kernels"): fprop / dgrad
     550-720 TFLOP/s, the wgrad 340-580, vs 170-510 for the Triton kernels and 430-550 for bf16
     ``torch._grouped_mm``; the mm kernel without the promotion (wrong numbers, a bound) reaches
-    900-1130, so the promotion is still ~35% of the time.
+    880-1130 at the larger expert shapes, so there the promotion is still 25-46% of the time.
     Tried and dropped: a second product register set so that slab k + 1's wgmma overlaps slab
     k's promotion within a warpgroup (ptxas serializes the wgmmas: C7514 / C7515, and spills),
     256-wide tiles (two 128-column products; spills, slower for dgrad).
@@ -62,11 +62,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from miles_lib.precision.triton_fp8 import _expert_tile
+from miles_lib.precision.triton_fp8 import _expert_tile, _starts_ends, _wgrad_output
 
 _BM = 128  # rows per tile: two consumer warpgroups of 64
 _BN = 128  # one weight-block column per tile (one sB per slab)
-_TMA_STORE = gl.constexpr(True)  # full 64-row output blocks leave through TMA (asynchronous)
 
 
 @gluon.jit
@@ -164,7 +163,7 @@ def _consumer(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_pt
                 sc = sc_nxt
                 it += 1
             r0 = row0 + WG * 64
-            if _TMA_STORE and ((r0 + 64 <= row_end) | (row_end == M)):
+            if (r0 + 64 <= row_end) | (row_end == M):
                 # every row is this expert's (or past M, where TMA clips): an asynchronous bulk
                 # store that overlaps the next tile's MMAs
                 tma.store_wait(0)  # this warpgroup's previous store has left its buffer
@@ -192,18 +191,27 @@ def _consumer1(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_p
 
 
 @gluon.jit
-def _grouped_mm_kernel(a_desc, b_desc, c_desc, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT, M, N, KB,
-                       stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k,
-                       STAGES: gl.constexpr, BN: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                       PRODUCER_REGS: gl.constexpr):
+def _ring(a_desc, b_desc, c_desc, STAGES: gl.constexpr, BN: gl.constexpr):
+    """Shared memory of both kernels: STAGES ring slots (A as two 64-row halves, B [BN, 128]),
+    their ready / empty barriers (empty: one arrival per consumer warpgroup) and one output block
+    per consumer."""
     a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, 64, 128], a_desc.layout)
     b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, 128], b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, 64, BN], c_desc.layout)  # one per consumer
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, 64, BN], c_desc.layout)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)  # one arrival per consumer warpgroup
+        mbarrier.init(empty.index(i), count=2)
+    return a_bufs, b_bufs, ready, empty, c_bufs
+
+
+@gluon.jit
+def _grouped_mm_kernel(a_desc, b_desc, c_desc, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT, M, N, KB,
+                       stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k,
+                       STAGES: gl.constexpr, BN: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                       PRODUCER_REGS: gl.constexpr):
+    a_bufs, b_bufs, ready, empty, c_bufs = _ring(a_desc, b_desc, c_desc, STAGES, BN)
     cargs = (a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT, M, N, KB,
              stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k)
     gl.warp_specialize([
@@ -304,14 +312,7 @@ def _wgrad_consumer1(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, sa_ptr, sb_pt
 def _grouped_wgrad_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, starts_ptr, ends_ptr, num_tiles, NT, KT, N,
                           stride_sa_n, stride_sa_m, stride_sb_k, stride_sb_m, STAGES: gl.constexpr,
                           CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
-    a_bufs = gl.allocate_shared_memory(gl.float8e4nv, [2 * STAGES, 64, 128], a_desc.layout)
-    b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, 128, 128], b_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, 64, 128], c_desc.layout)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(ready.index(i), count=1)
-        mbarrier.init(empty.index(i), count=2)
+    a_bufs, b_bufs, ready, empty, c_bufs = _ring(a_desc, b_desc, c_desc, STAGES, 128)
     cargs = (a_bufs, b_bufs, ready, empty, c_desc, c_bufs, sa_ptr, sb_ptr, starts_ptr, ends_ptr, num_tiles, NT, KT, N,
              stride_sa_n, stride_sa_m, stride_sb_k, stride_sb_m)
     gl.warp_specialize([
@@ -340,6 +341,23 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+_GL_DTYPES = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
+
+
+def _desc(t: torch.Tensor, block: list[int]) -> TensorDescriptor:
+    """TMA descriptor of the 2-D tensor t with the default (widest) swizzle for its block."""
+    dtype = gl.float8e4nv if t.dtype == torch.float8_e4m3fn else _GL_DTYPES[t.dtype]
+    return TensorDescriptor.from_tensor(t, block, gl.NVMMASharedLayout.get_default_for(block, dtype))
+
+
+def _launch_params(c: torch.Tensor, stages: int, num_tiles: int, num_programs: int | None) -> tuple[int, int]:
+    """(ring depth, persistent grid size): the two 64 KB fp32 output blocks leave room for three
+    ring slots; one CTA per SM unless told otherwise, never more than the tiles."""
+    if c.dtype == torch.float32:
+        stages = min(stages, 3)
+    return stages, min(num_programs or _num_sms(c.device.index or 0), num_tiles)
+
+
 def grouped_mm(qa, sa, qb, sb, offs_E, out_dtype, stages: int = STAGES, num_programs: int | None = None
                ) -> torch.Tensor:
     """A [M, K] (1x128 scales [M, K/128], any strides) x B [E, N, K] (128x128 scales
@@ -350,22 +368,15 @@ def grouped_mm(qa, sa, qb, sb, offs_E, out_dtype, stages: int = STAGES, num_prog
     c = torch.empty(M, N, dtype=out_dtype, device=qa.device)
     if M == 0:
         return c
-    c_dtype = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[out_dtype]
-    if out_dtype == torch.float32:
-        stages = min(stages, 3)  # the 64 KB of fp32 output buffers leave room for three ring slots
-    ends = offs_E.to(torch.int32).contiguous()
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    starts, ends = _starts_ends(offs_E)
     T = triton.cdiv(M, _BM) + E  # an upper bound on the row tiles
     table = torch.empty(T, 3, dtype=torch.int32, device=qa.device)
     _tile_table_kernel[(T,)](starts, ends, table, E, E_P2=triton.next_power_of_2(E), BM=_BM)
-    a_desc = TensorDescriptor.from_tensor(qa, [64, 128], gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv))
-    b_desc = TensorDescriptor.from_tensor(qb.view(E * N, K), [_BN, 128],
-                                          gl.NVMMASharedLayout.get_default_for([_BN, 128], gl.float8e4nv))
-    c_desc = TensorDescriptor.from_tensor(c, [64, _BN], gl.NVMMASharedLayout.get_default_for([64, _BN], c_dtype))
     NT = N // _BN
     num_tiles = T * NT
-    nprog = min(num_programs or _num_sms(qa.device.index or 0), num_tiles)
-    _grouped_mm_kernel[(nprog,)](a_desc, b_desc, c_desc, c, sa, sb, table, num_tiles, NT, M, N, K // 128,
+    stages, nprog = _launch_params(c, stages, num_tiles, num_programs)
+    _grouped_mm_kernel[(nprog,)](_desc(qa, [64, 128]), _desc(qb.view(E * N, K), [_BN, 128]), _desc(c, [64, _BN]), c,
+                                 sa, sb, table, num_tiles, NT, M, N, K // 128,
                                  sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), sb.stride(2),
                                  STAGES=stages, BN=_BN, CONSUMER_REGS=_REGS[0], PRODUCER_REGS=_REGS[1],
                                  num_warps=4)
@@ -377,28 +388,14 @@ def grouped_wgrad(qa_t, sa_t, qb_t, sb_t, offs_E, out_dtype, stages: int = STAGE
     """a_t [N, M'] and b_t [K, M'] (128x1 scales along the tokens: [N, M'/128], [K, M'/128]) ->
     dW [E, N, K], dW[e] = sum over expert e's tokens m of a_t[:, m] b_t[:, m]^T (zeros for an expert
     without tokens); N and K multiples of 128."""
-    qa_t, qb_t = qa_t.contiguous(), qb_t.contiguous()
-    N, Mp = qa_t.shape
-    K = qb_t.shape[0]
-    E = offs_E.shape[0]
-    c = torch.empty(E, N, K, dtype=out_dtype, device=qa_t.device)
-    if Mp == 0:  # no tokens: a TMA descriptor cannot span an empty dim
+    qa_t, qb_t, c = _wgrad_output(qa_t, qb_t, offs_E, out_dtype)
+    if qa_t.shape[1] == 0:  # no tokens: a TMA descriptor cannot span an empty dim
         return c.zero_()
-    c_dtype = {torch.float32: gl.float32, torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}[out_dtype]
-    if out_dtype == torch.float32:
-        stages = min(stages, 3)
-    ends = offs_E.to(torch.int32).contiguous()
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    fp8_layout = gl.NVMMASharedLayout.get_default_for([64, 128], gl.float8e4nv)
-    a_desc = TensorDescriptor.from_tensor(qa_t, [64, 128], fp8_layout)
-    b_desc = TensorDescriptor.from_tensor(qb_t, [128, 128], gl.NVMMASharedLayout.get_default_for([128, 128],
-                                                                                                 gl.float8e4nv))
-    c_desc = TensorDescriptor.from_tensor(c.view(E * N, K), [64, 128],
-                                          gl.NVMMASharedLayout.get_default_for([64, 128], c_dtype))
+    (E, N, K), starts_ends = c.shape, _starts_ends(offs_E)
     NT, KT = N // 128, K // 128
-    num_tiles = E * NT * KT
-    nprog = min(num_programs or _num_sms(qa_t.device.index or 0), num_tiles)
-    _grouped_wgrad_kernel[(nprog,)](a_desc, b_desc, c_desc, sa_t, sb_t, starts, ends, num_tiles, NT, KT, N,
+    stages, nprog = _launch_params(c, stages, E * NT * KT, num_programs)
+    _grouped_wgrad_kernel[(nprog,)](_desc(qa_t, [64, 128]), _desc(qb_t, [128, 128]), _desc(c.view(E * N, K), [64, 128]),
+                                    sa_t, sb_t, *starts_ends, E * NT * KT, NT, KT, N,
                                     sa_t.stride(0), sa_t.stride(1), sb_t.stride(0), sb_t.stride(1),
                                     STAGES=stages, CONSUMER_REGS=_REGS[0], PRODUCER_REGS=_REGS[1], num_warps=4)
     return c

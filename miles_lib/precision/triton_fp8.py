@@ -620,15 +620,19 @@ def grouped_mm(qa, sa, qb, sb, offs_E, out_dtype) -> torch.Tensor:
     return c
 
 
+def _wgrad_output(qa_t, qb_t, offs_E, out_dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a_t, b_t contiguous, the uninitialised dW [E, N, K]) for a grouped wgrad kernel."""
+    qa_t, qb_t = qa_t.contiguous(), qb_t.contiguous()
+    c = torch.empty(offs_E.shape[0], qa_t.shape[0], qb_t.shape[0], dtype=out_dtype, device=qa_t.device)
+    return qa_t, qb_t, c
+
+
 def grouped_wgrad(qa_t, sa_t, qb_t, sb_t, offs_E, out_dtype) -> torch.Tensor:
     """a_t [N, M'] and b_t [K, M'] with 1x128 scales along tokens -> dW [E, N, K]."""
-    qa_t, qb_t = qa_t.contiguous(), qb_t.contiguous()
-    N, Mp = qa_t.shape
-    K = qb_t.shape[0]
-    E = offs_E.shape[0]
-    c = torch.empty(E, N, K, dtype=out_dtype, device=qa_t.device)
-    if Mp == 0:  # no tokens: a TMA descriptor cannot span an empty dim
+    qa_t, qb_t, c = _wgrad_output(qa_t, qb_t, offs_E, out_dtype)
+    if qa_t.shape[1] == 0:  # no tokens: a TMA descriptor cannot span an empty dim
         return c.zero_()
+    E, N, K = c.shape
     starts, ends = _starts_ends(offs_E)
     # block shapes are placeholders: the autotune pre-hook sets them per config
     a_desc = TensorDescriptor.from_tensor(qa_t, [128, 128])
