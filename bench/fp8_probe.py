@@ -53,18 +53,10 @@ COLS_CONFIGS = [{"block_k": 64, "num_warps": 4}, {"block_k": 32, "num_warps": 4}
 FUSED_CONFIGS = {"tile_w8": {"paired_sub": None, "num_warps": 8},
                  "tile_w8_r128": {"paired_sub": None, "num_warps": 8, "max_registers": 128},
                  "tile_w16": {"paired_sub": None, "num_warps": 16},
-                 "paired64_w4": {"paired_sub": 64, "num_warps": 4, "tma": False},
-                 "paired64_w8": {"paired_sub": 64, "num_warps": 8, "tma": False},
-                 "paired32_w4": {"paired_sub": 32, "num_warps": 4, "tma": False},
-                 "paired128_w8": {"paired_sub": 128, "num_warps": 8, "tma": False},
-                 # the TMA kernel (sm90): the same tile split, or one program per tile ("single")
-                 "tma_paired64_w4": {"paired_sub": 64, "num_warps": 4, "tma": True},
-                 "tma_paired64_w8": {"paired_sub": 64, "num_warps": 8, "tma": True},
-                 "tma_paired32_w4": {"paired_sub": 32, "num_warps": 4, "tma": True},
-                 "tma_paired128_w8": {"paired_sub": 128, "num_warps": 8, "tma": True},
-                 "tma_single64_w4": {"paired_sub": 64, "num_warps": 4, "tma": True, "paired": False},
-                 "tma_single64_w8": {"paired_sub": 64, "num_warps": 8, "tma": True, "paired": False},
-                 "tma_single128_w8": {"paired_sub": 128, "num_warps": 8, "tma": True, "paired": False}}
+                 "paired64_w4": {"paired_sub": 64, "num_warps": 4},
+                 "paired64_w8": {"paired_sub": 64, "num_warps": 8},
+                 "paired32_w4": {"paired_sub": 32, "num_warps": 4},
+                 "paired128_w8": {"paired_sub": 128, "num_warps": 8}}
 REPS, WARMUP = 25, 3
 _FLUSH = None
 
@@ -282,8 +274,6 @@ def probe_linear(M: int, K: int, N: int, quant_by_shape: dict) -> dict:
             "quantize_128x1_t": _config_of(best_cols, COLS_CONFIGS)}),
         "fused_divrn": _Setting("fused", False, {"quantize_dual": best_fused}),
         "fused_fastdiv": _Setting("fused", True, {"quantize_dual": best_fused}),
-        "fused_fastdiv_pointer_paired64": _Setting("fused", True, {"quantize_dual": FUSED_CONFIGS["paired64_w4"]}),
-        "fused_fastdiv_tma_paired64": _Setting("fused", True, {"quantize_dual": FUSED_CONFIGS["tma_paired64_w4"]}),
     }
     flops = 6.0 * M * N * K
     out = {"M": M, "K": K, "N": N, "fused_variant": summary.get("fused_best_variant"),

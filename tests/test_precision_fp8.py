@@ -236,14 +236,6 @@ def same_bits(a, b):
     return same_values(a, b) and a[1].stride() == b[1].stride()
 
 
-# quantize_dual launch variants (paired_sub, num_warps, max_registers, tma, paired): the pointer
-# kernels (paired, and one program per tile), the TMA kernel paired and one program per tile
-DUAL_VARIANTS = ((64, 4, None, False, True), (32, 4, None, False, True), (128, 8, None, False, True),
-                 (None, 8, 128, False, True), (None, 16, None, False, True),
-                 (64, 4, None, True, True), (32, 4, None, True, True), (128, 8, None, True, True),
-                 (64, 8, None, True, False), (128, 8, None, True, False))
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("pow2", [False, True])
 def test_gpu_fused_dual_and_fast_division_are_bitwise_equal_to_two_kernels_and_cpu(pow2, monkeypatch):
@@ -264,14 +256,9 @@ def test_gpu_fused_dual_and_fast_division_are_bitwise_equal_to_two_kernels_and_c
             outs = {"1x128": (triton_fp8.quantize_1x128(xc, pow2, block_m=64, num_warps=8, fast_div=fast_div), two[1]),
                     "128x1_t": (two[0], triton_fp8.quantize_128x1_t(xc, pow2, block_k=128, num_warps=8,
                                                                      fast_div=fast_div))}
-            for sub, warps, regs, tma, paired in DUAL_VARIANTS:
-                outs[f"dual paired_sub={sub} warps={warps} tma={tma} paired={paired}"] = triton_fp8.quantize_dual(
-                    xc, pow2, paired_sub=sub, num_warps=warps, max_registers=regs, fast_div=fast_div, tma=tma,
-                    paired=paired)
-            # a view whose base is not 16-byte aligned: no TMA descriptor, the pointer kernel runs
-            xv = torch.empty(M, K + 1, dtype=dtype, device="cuda")[:, 1:].copy_(xc)
-            assert not triton_fp8._tma_ok(xv)
-            outs["dual unaligned view"] = triton_fp8.quantize_dual(xv, pow2, fast_div=fast_div, tma=True)
+            for sub, warps, regs in ((64, 4, None), (32, 4, None), (128, 8, None), (None, 8, 128), (None, 16, None)):
+                outs[f"dual paired_sub={sub} warps={warps}"] = triton_fp8.quantize_dual(
+                    xc, pow2, paired_sub=sub, num_warps=warps, max_registers=regs, fast_div=fast_div)
             for name, out in outs.items():
                 assert same_bits(out[0], two[0]) and same_bits(out[1], two[1]), (M, K, dtype, fast_div, name)
         monkeypatch.setattr(fp8, "_DUAL_IMPL", "fused")
@@ -290,12 +277,12 @@ def test_gpu_dual_with_128x128_transposed_blocks_is_bitwise_equal_to_cpu(pow2):
         x[:128, :128] = 0  # an all-zero block (s = 1)
         x[130:140] *= 1e-38  # subnormal values next to normal ones in a block
         cpu = (fp8.quantize_blockwise(x, 1, 128, pow2), fp8.quantize_act_128x128_t(x, pow2))
-        for sub, warps, _, tma, paired in (v for v in DUAL_VARIANTS if v[0] is not None):
+        for sub, warps in ((64, 4), (32, 4), (128, 8)):
             for fast_div in (False, True):
                 got = triton_fp8.quantize_dual(x.cuda(), pow2, paired_sub=sub, num_warps=warps, fast_div=fast_div,
-                                               t_blocks="128x128", tma=tma, paired=paired)
+                                               t_blocks="128x128")
                 for part_g, part_c in zip(got, cpu):
-                    assert same_values(tuple(t.cpu() for t in part_g), part_c), (M, K, dtype, sub, fast_div, tma)
+                    assert same_values(tuple(t.cpu() for t in part_g), part_c), (M, K, dtype, sub, fast_div)
                 padded = got[1][1]._cublas_padded.cpu()
                 assert padded.shape[-1] % 4 == 0 and torch.equal(padded[:, : cpu[1][1].shape[1]], cpu[1][1])
                 assert (padded[:, cpu[1][1].shape[1]:] == 1).all()
@@ -313,10 +300,8 @@ def test_gpu_fast_division_is_exact_for_every_bf16_block():
     xt = fp8.pad_rows(x, 128).t().contiguous().cuda()  # the same blocks as 128x1 columns
     assert same_bits(triton_fp8.quantize_128x1_t(xt, False, fast_div=True),
                      triton_fp8.quantize_128x1_t(xt, False, fast_div=False))
-    rn = triton_fp8.quantize_dual(xt, False, fast_div=False, tma=False)
-    for tma in (False, True):
-        fast = triton_fp8.quantize_dual(xt, False, fast_div=True, tma=tma)
-        assert same_bits(fast[0], rn[0]) and same_bits(fast[1], rn[1]), tma
+    fast, rn = triton_fp8.quantize_dual(xt, False, fast_div=True), triton_fp8.quantize_dual(xt, False, fast_div=False)
+    assert same_bits(fast[0], rn[0]) and same_bits(fast[1], rn[1])
     # power-of-two scales: the multiply by the exact reciprocal against the CPU division
     assert same_values(tuple(t.cpu() for t in triton_fp8.quantize_1x128(x.cuda(), True)),
                        fp8.quantize_blockwise(x, 1, 128, True))

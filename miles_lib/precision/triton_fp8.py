@@ -68,7 +68,6 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # ---------------------------------------------------------------------------------------------
 # quantization
 # ---------------------------------------------------------------------------------------------
-TMA_DUAL = False  # quantize_dual on the TMA kernel (sm90): measured slower than the pointer kernel (fp8_probe_quant_tma_h200.json)
 FAST_DIV = True  # divide through _fma_divide: bit-equal to div.rn on the H200 (bench/fp8_probe.py: every
 # finite bf16 value x every bf16 amax mantissa, 134M random fp32 values) and 1.5x faster for 128x1_t
 
@@ -291,67 +290,6 @@ def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, stp_ptr, M, K
 
 
 @triton.jit
-def _tma_rows_half(x_desc, q_desc, s_ptr, mb, kb, M, POW2: tl.constexpr, FAST_DIV: tl.constexpr):
-    """Tile (mb, kb) quantized 1x128: one TMA load, one TMA store (rows past M: zeros loaded,
-    nothing stored), the scales into the [K/128, M] buffer."""
-    x = x_desc.load([mb * 128, kb * 128])
-    q, s = _quantize(x, 1, POW2, FAST_DIV)
-    q_desc.store([mb * 128, kb * 128], q.to(q_desc.dtype))
-    rm = mb * 128 + tl.arange(0, 128)
-    tl.store(s_ptr + kb * M + rm, s, mask=rm < M)
-
-
-@triton.jit
-def _tma_cols_half(xc_desc, qt_desc, st_ptr, stp_ptr, mb, kb, K, Mp, STP_ROW, POW2: tl.constexpr,
-                   FAST_DIV: tl.constexpr, SUB: tl.constexpr, T_2D: tl.constexpr):
-    """Tile (mb, kb) quantized 128x1 (T_2D: in one 128x128 block) and stored transposed, in
-    SUB-column slices: [128, SUB] TMA loads (rows past M load as zeros: the padding tokens),
-    [SUB, 128] TMA stores of the transposed e4m3 slice."""
-    if T_2D:
-        amax = 0.0
-        for h in tl.static_range(128 // SUB):
-            xc = xc_desc.load([mb * 128, kb * 128 + h * SUB])
-            amax = tl.maximum(amax, tl.max(tl.max(tl.abs(xc), axis=0), axis=0).to(tl.float32))
-        s_blk = _scale(amax, POW2)
-        st = tl.zeros((SUB,), tl.float32) + s_blk
-        for h in tl.static_range(128 // SUB):
-            xc = xc_desc.load([mb * 128, kb * 128 + h * SUB])
-            qt = _divide(xc.to(tl.float32), st, 0, POW2, FAST_DIV)
-            qt_desc.store([kb * 128 + h * SUB, mb * 128], tl.trans(qt.to(qt_desc.dtype)))
-        _store_block_scale(st_ptr, stp_ptr, kb, mb, Mp // 128, STP_ROW, s_blk)
-    else:
-        for h in tl.static_range(128 // SUB):
-            xc = xc_desc.load([mb * 128, kb * 128 + h * SUB])
-            qt, st = _quantize(xc, 0, POW2, FAST_DIV)
-            qt_desc.store([kb * 128 + h * SUB, mb * 128], tl.trans(qt.to(qt_desc.dtype)))
-            tl.store(st_ptr + mb * K + kb * 128 + h * SUB + tl.arange(0, SUB), st)
-
-
-@triton.jit
-def _quant_dual_tma_kernel(x_desc, xc_desc, q_desc, s_ptr, qt_desc, st_ptr, stp_ptr, M, K, Mp, STP_ROW,
-                           POW2: tl.constexpr, FAST_DIV: tl.constexpr, SUB: tl.constexpr, T_2D: tl.constexpr,
-                           PAIRED: tl.constexpr):
-    """``_quant_dual_paired_kernel`` with every load and store a TMA copy of a whole tile or slice:
-    no per-element address arithmetic, masks or 64-bit pointer tensors (the pointer kernel holds
-    255 registers and spills ~0.9 KB per thread; this one 48-128 registers, no spill, a quarter
-    of the SASS). PAIRED: programs 2t, 2t + 1 split tile t as there; otherwise one program does
-    both halves (the second pass over the tile served by L1/L2)."""
-    pid = tl.program_id(0)
-    nkb = K // 128
-    t = pid // 2 if PAIRED else pid
-    mb = t // nkb
-    kb = t % nkb
-    if PAIRED:
-        if pid % 2 == 0:
-            _tma_rows_half(x_desc, q_desc, s_ptr, mb, kb, M, POW2, FAST_DIV)
-        else:
-            _tma_cols_half(xc_desc, qt_desc, st_ptr, stp_ptr, mb, kb, K, Mp, STP_ROW, POW2, FAST_DIV, SUB, T_2D)
-    else:
-        _tma_rows_half(x_desc, q_desc, s_ptr, mb, kb, M, POW2, FAST_DIV)
-        _tma_cols_half(xc_desc, qt_desc, st_ptr, stp_ptr, mb, kb, K, Mp, STP_ROW, POW2, FAST_DIV, SUB, T_2D)
-
-
-@triton.jit
 def _block_divide(w, s, POW2: tl.constexpr):
     """w [128, 128] / s (one scale), rounded as div.rn; a multiply by 2^-e for POW2 scales."""
     if POW2:
@@ -445,15 +383,8 @@ def quantize_128x1_t(x: torch.Tensor, pow2_scales: bool, *, block_k: int = 64, n
     return qt, st_buf.t()
 
 
-def _tma_ok(x: torch.Tensor) -> bool:
-    """TMA copies need sm90+, a non-empty tensor, and 16-byte aligned base and row stride."""
-    return ((_INTERPRET or x.is_cuda and torch.cuda.get_device_capability(x.device) >= (9, 0)) and x.shape[0] > 0
-            and x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0)
-
-
 def quantize_dual(x: torch.Tensor, pow2_scales: bool, *, paired_sub: int | None = 64, num_warps: int = 4,
-                  max_registers: int | None = None, fast_div: bool | None = None, t_blocks: str = "128x1",
-                  tma: bool | None = None, paired: bool = True):
+                  max_registers: int | None = None, fast_div: bool | None = None, t_blocks: str = "128x1"):
     """(quantize_1x128(x), quantize_128x1_t(x)) bit for bit, reading x from DRAM once (K a multiple
     of 128). ``t_blocks="128x128"``: the transposed copy in 128x128 blocks instead, scales
     [K/128, M'/128] (the dy operand of a wgrad on the faster 128x128 x 1x128 cuBLAS kernel; paired
@@ -464,10 +395,7 @@ def quantize_dual(x: torch.Tensor, pow2_scales: bool, *, paired_sub: int | None 
     holding it in registers for both (``_quant_dual_tile_kernel``, best with num_warps=8,
     max_registers=128). max_registers caps registers per thread (ptxas maxnreg). The defaults were
     the fastest on the H200 at every measured shape (bench/fp8_probe.py: 32768x7168 0.356 ms vs
-    0.371 for the two kernels and 0.41 for the tile kernel; 32768x2048 0.107 vs 0.111 / 0.122).
-
-    ``tma`` (default ``TMA_DUAL``; sm90, aligned x): the same split on ``_quant_dual_tma_kernel``,
-    whose loads and stores are TMA copies; ``paired=False`` gives each tile one program there."""
+    0.371 for the two kernels and 0.41 for the tile kernel; 32768x2048 0.107 vs 0.111 / 0.122)."""
     if t_blocks not in WGRAD_GRAD_BLOCKS or (t_blocks == "128x128" and paired_sub is None):
         raise ValueError(f"quantize_dual: t_blocks={t_blocks!r} with paired_sub={paired_sub!r}; use '128x1', or "
                          "'128x128' with the paired kernel")
@@ -484,13 +412,7 @@ def quantize_dual(x: torch.Tensor, pow2_scales: bool, *, paired_sub: int | None 
     args = (x, q, s_buf, qt, st_buf)
     meta = {"POW2": pow2_scales, "FAST_DIV": _fast_div(fast_div), "num_warps": num_warps, "maxnreg": max_registers}
     tiles = (K // BLOCK) * (Mp // BLOCK)
-    if (TMA_DUAL if tma is None else tma) and paired_sub is not None and _tma_ok(x):
-        descs = (TensorDescriptor.from_tensor(x, [BLOCK, BLOCK]), TensorDescriptor.from_tensor(x, [BLOCK, paired_sub]),
-                 TensorDescriptor.from_tensor(q, [BLOCK, BLOCK]))
-        _quant_dual_tma_kernel[((2 if paired else 1) * tiles,)](
-            *descs, s_buf, TensorDescriptor.from_tensor(qt, [paired_sub, BLOCK]), st_buf, stp_buf, M, K, Mp,
-            stp_buf.shape[-1], SUB=paired_sub, T_2D=t_2d, PAIRED=paired, **meta)
-    elif paired_sub is not None:
+    if paired_sub is not None:
         _quant_dual_paired_kernel[(2 * tiles,)](*args, stp_buf, M, K, Mp, x.stride(0), stp_buf.shape[-1],
                                                 G=_rows_per_rep(x, paired_sub, num_warps, BLOCK), SUB=paired_sub,
                                                 T_2D=t_2d, **meta)
