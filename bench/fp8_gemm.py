@@ -14,6 +14,9 @@ Prints ONE JSON object:
              and forward, bf16 ``torch._grouped_mm`` (autograd) vs ``fp8_grouped_linear`` (Triton
              grouped block-scaled kernels on CUDA; fp32 and power-of-two scales); eager rounds and,
              on CUDA, the CUDA-graph GPU time as for linear[].
+  *_weights_cached (CUDA): the graphed steps again without the weight touch, so FP8 reuses the
+             weight's quantized blocks (gradient accumulation: one weight quantization per optimizer
+             step, amortized over its micro-batches; this is the many-micro-batch limit).
   summary:   the speedup at the large linear shapes against the 1.4x target.
 Also the relative error of each FP8 forward vs the bf16 one (e4m3 rounding, ~3-4%).
 
@@ -113,27 +116,42 @@ def cuda_graphed(step):
     return graph.replay
 
 
-def graphed_figures(steps: dict) -> dict:
+def graphed_figures(steps: dict, suffix: str = "") -> dict:
     """The steps (bf16 among them) as CUDA graphs replayed in turn: median GPU ms of each and the
     speedups over bf16."""
     times = interleaved_replays({k: cuda_graphed(f) for k, f in steps.items()}, GRAPH_REPS)
-    return {"fwd_bwd_gpu_ms_cuda_graphs": {k: round(statistics.median(v), 3) for k, v in times.items()},
-            "fwd_bwd_speedup_cuda_graphs": median_speedups(times, "bf16")}
+    return {"fwd_bwd_gpu_ms_cuda_graphs" + suffix: {k: round(statistics.median(v), 3) for k, v in times.items()},
+            "fwd_bwd_speedup_cuda_graphs" + suffix: median_speedups(times, "bf16")}
+
+
+def own_copy(w: torch.nn.Parameter) -> torch.nn.Parameter:
+    """A separate copy of w for one recipe's weights-cached step: recipes sharing one weight would
+    evict each other's cached FP8 blocks, whose addresses a captured CUDA graph keeps using."""
+    return torch.nn.Parameter(w.detach().clone())
+
+
+def weights_cached_figures(make_steps) -> dict:
+    """``graphed_figures`` of the steps built without the in-place weight touch: FP8 finds the
+    weight's quantized blocks in its per-version cache, as every micro-batch after the first does
+    under gradient accumulation (the weight is quantized once per optimizer step). The limit of many
+    micro-batches per step; keys end in ``_weights_cached``."""
+    return graphed_figures(make_steps(False), "_weights_cached")
 
 
 def rel(a, b) -> float:
     return round(((a.float() - b.float()).norm() / b.float().norm()).item(), 5)
 
 
-def fwd_bwd(fn, inputs, dy, weight):
-    """One training micro-step. The weight is touched in place first (as an optimizer step does),
-    so FP8 re-quantizes it every step (its per-version cache never hits): the conservative cost;
-    the bf16 side pays the same in-place touch."""
+def fwd_bwd(fn, inputs, dy, weight, touch: bool = True):
+    """One training micro-step. ``touch``: the weight is touched in place first (as an optimizer
+    step does), so FP8 re-quantizes it every step (its per-version cache never hits): the
+    conservative cost; the bf16 side pays the same in-place touch."""
     def step():
         for t in inputs:
             t.grad = None
-        with torch.no_grad():
-            weight.add_(0)
+        if touch:
+            with torch.no_grad():
+                weight.add_(0)
         fn().backward(dy)
     return step
 
@@ -148,15 +166,21 @@ RECIPES = {  # name -> fp8_linear keywords; "fp8" (fp32 scales, 128x1 dy tiles) 
 def bench_linear(M, K, N, dev, iters):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(M, K, generator=g).to(dev, torch.bfloat16).requires_grad_()
-    w = (torch.randn(N, K, generator=g) * 0.02).to(dev, torch.bfloat16).requires_grad_()
+    w = torch.nn.Parameter((torch.randn(N, K, generator=g) * 0.02).to(dev, torch.bfloat16))
     dy = torch.randn(M, N, generator=g).to(dev, torch.bfloat16)
-    steps = {"bf16": fwd_bwd(lambda: F.linear(x, w), (x, w), dy, w)}
-    for name, kw in RECIPES.items():
-        steps[name] = fwd_bwd(lambda kw=kw: fp8_linear(x, w, **kw), (x, w), dy, w)
+
+    def make_steps(touch: bool) -> dict:
+        steps = {"bf16": fwd_bwd(lambda: F.linear(x, w), (x, w), dy, w, touch)}
+        for name, kw in RECIPES.items():
+            wr = w if touch else own_copy(w)
+            steps[name] = fwd_bwd(lambda kw=kw, wr=wr: fp8_linear(x, wr, **kw), (x, wr), dy, wr, touch)
+        return steps
+
+    steps = make_steps(True)
     rounds = alternating(steps, dev, iters, ROUNDS[dev])
     t = {k: min(v) for k, v in rounds.items()}
     t_bf16, t_fp8 = t["bf16"], t["fp8"]
-    graphed = graphed_figures(steps) if dev == "cuda" else {}
+    graphed = {**graphed_figures(steps), **weights_cached_figures(make_steps)} if dev == "cuda" else {}
     xd, wd = x.detach(), w.detach()
     # gradient error vs fp32, for dy as drawn and for dy whose channels differ in scale by up to 10^4
     # (the 128x1 tiles of the wgrad already span 128 tokens; 128x128 dy blocks also span 128
@@ -225,12 +249,18 @@ def bench_grouped(E, T, K, N, dev, iters):
     counts[1::2] -= T // 4
     offs = counts.cumsum(0).to(dev, torch.int32)
     x = torch.randn(M, K, generator=g).to(dev, torch.bfloat16).requires_grad_()
-    w = (torch.randn(E, N, K, generator=g) * 0.02).to(dev, torch.bfloat16).requires_grad_()
+    w = torch.nn.Parameter((torch.randn(E, N, K, generator=g) * 0.02).to(dev, torch.bfloat16))
     dy = torch.randn(M, N, generator=g).to(dev, torch.bfloat16)
     out = {"experts": E, "tokens_per_expert": T, "hidden": K, "ffn": N}
-    steps = {"bf16": fwd_bwd(lambda: bf16_grouped(x, w, offs), (x, w), dy, w),
-             "fp8": fwd_bwd(lambda: fp8_grouped_linear(x, w, offs), (x, w), dy, w),
-             "fp8_pow2": fwd_bwd(lambda: fp8_grouped_linear(x, w, offs, pow2_scales=True), (x, w), dy, w)}
+
+    def make_steps(touch: bool) -> dict:
+        w8, w8p = (w, w) if touch else (own_copy(w), own_copy(w))
+        return {"bf16": fwd_bwd(lambda: bf16_grouped(x, w, offs), (x, w), dy, w, touch),
+                "fp8": fwd_bwd(lambda: fp8_grouped_linear(x, w8, offs), (x, w8), dy, w8, touch),
+                "fp8_pow2": fwd_bwd(lambda: fp8_grouped_linear(x, w8p, offs, pow2_scales=True), (x, w8p), dy, w8p,
+                                    touch)}
+
+    steps = make_steps(True)
     try:
         steps["bf16"]()
     except RuntimeError as e:  # a torch without _grouped_mm backward on this device
@@ -239,7 +269,7 @@ def bench_grouped(E, T, K, N, dev, iters):
     t = {k: min(v) for k, v in alternating(steps, dev, iters, ROUNDS[dev]).items()}
     t_bf16, t_fp8 = t.get("bf16", float("nan")), t["fp8"]
     if dev == "cuda" and "bf16" in steps:
-        out.update(graphed_figures(steps))
+        out.update({**graphed_figures(steps), **weights_cached_figures(make_steps)})
     xd, wd = x.detach(), w.detach()
     with torch.no_grad():
         f_bf16 = timeit(lambda: bf16_grouped(xd, wd, offs), dev, iters)
@@ -296,17 +326,21 @@ def main() -> None:
     large = [r for r in result["linear"] if r["tokens"] >= LARGE]
     by_recipe = {k: [r["fwd_bwd_speedup"][k] for r in large] for k in RECIPES}
     medians = {k: [r["fwd_bwd_speedup_rounds"][k]["median_of_rounds"] for r in large] for k in RECIPES}
-    graphed = {k: [r["fwd_bwd_speedup_cuda_graphs"][k]["median_of_steps"] for r in large
-                   if "fwd_bwd_speedup_cuda_graphs" in r] for k in RECIPES}
+    graphed, cached = ({k: [r[key][k]["median_of_steps"] for r in large if key in r] for k in RECIPES}
+                       for key in ("fwd_bwd_speedup_cuda_graphs", "fwd_bwd_speedup_cuda_graphs_weights_cached"))
     result["summary"] = {"target_fwd_bwd_speedup_large": 1.4, "large_shapes": [[r["tokens"], r["hidden"], r["ffn"]] for r in large],
                          "large_linear_fwd_bwd_speedups": by_recipe,
                          "large_linear_fwd_bwd_speedups_median_of_rounds": medians,
                          "large_linear_fwd_bwd_speedups_cuda_graphs_median_of_steps": graphed,
+                         "large_linear_fwd_bwd_speedups_cuda_graphs_weights_cached": cached,
                          "target_met_by": [k for k, v in by_recipe.items() if v and min(v) >= 1.4],
                          "grouped_fwd_bwd_speedups": [r["fwd_bwd_speedup_fp8"] for r in result["grouped"]],
                          "grouped_fwd_bwd_speedups_cuda_graphs": [
                              {k: v["median_of_steps"] for k, v in r["fwd_bwd_speedup_cuda_graphs"].items()}
-                             for r in result["grouped"] if "fwd_bwd_speedup_cuda_graphs" in r]}
+                             for r in result["grouped"] if "fwd_bwd_speedup_cuda_graphs" in r],
+                         "grouped_fwd_bwd_speedups_cuda_graphs_weights_cached": [
+                             {k: v["median_of_steps"] for k, v in r["fwd_bwd_speedup_cuda_graphs_weights_cached"].items()}
+                             for r in result["grouped"] if "fwd_bwd_speedup_cuda_graphs_weights_cached" in r]}
     print(json.dumps(result))
 
 

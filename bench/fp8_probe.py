@@ -53,10 +53,20 @@ COLS_CONFIGS = [{"block_k": 64, "num_warps": 4}, {"block_k": 32, "num_warps": 4}
 FUSED_CONFIGS = {"tile_w8": {"paired_sub": None, "num_warps": 8},
                  "tile_w8_r128": {"paired_sub": None, "num_warps": 8, "max_registers": 128},
                  "tile_w16": {"paired_sub": None, "num_warps": 16},
-                 "paired64_w4": {"paired_sub": 64, "num_warps": 4},
-                 "paired64_w8": {"paired_sub": 64, "num_warps": 8},
-                 "paired32_w4": {"paired_sub": 32, "num_warps": 4},
-                 "paired128_w8": {"paired_sub": 128, "num_warps": 8}}
+                 # the 1x128 program on whole 128-row tiles (row_sub 128)
+                 "paired64_w4": {"paired_sub": 64, "num_warps": 4, "row_sub": 128},
+                 "paired64_w8": {"paired_sub": 64, "num_warps": 8, "row_sub": 128},
+                 "paired32_w4": {"paired_sub": 32, "num_warps": 4, "row_sub": 128},
+                 "paired128_w8": {"paired_sub": 128, "num_warps": 8, "row_sub": 128},
+                 # the 1x128 program in 32- or 64-row slices (a quarter or half of the registers of a whole tile)
+                 "paired64_w4_rows32": {"paired_sub": 64, "num_warps": 4, "row_sub": 32},
+                 "paired64_w4_rows64": {"paired_sub": 64, "num_warps": 4, "row_sub": 64},  # the default
+                 "paired32_w4_rows32": {"paired_sub": 32, "num_warps": 4, "row_sub": 32},
+                 "paired128_w8_rows32": {"paired_sub": 128, "num_warps": 8, "row_sub": 32},
+                 "paired128_w8_rows64": {"paired_sub": 128, "num_warps": 8, "row_sub": 64},
+                 "paired64_w4_rows64_r168": {"paired_sub": 64, "num_warps": 4, "row_sub": 64, "max_registers": 168},
+                 "paired64_w4_rows64_r128": {"paired_sub": 64, "num_warps": 4, "row_sub": 64, "max_registers": 128},
+                 "paired64_w8_rows64": {"paired_sub": 64, "num_warps": 8, "row_sub": 64}}
 REPS, WARMUP = 25, 3
 _FLUSH = None
 

@@ -256,9 +256,11 @@ def test_gpu_fused_dual_and_fast_division_are_bitwise_equal_to_two_kernels_and_c
             outs = {"1x128": (triton_fp8.quantize_1x128(xc, pow2, block_m=64, num_warps=8, fast_div=fast_div), two[1]),
                     "128x1_t": (two[0], triton_fp8.quantize_128x1_t(xc, pow2, block_k=128, num_warps=8,
                                                                      fast_div=fast_div))}
-            for sub, warps, regs in ((64, 4, None), (32, 4, None), (128, 8, None), (None, 8, 128), (None, 16, None)):
-                outs[f"dual paired_sub={sub} warps={warps}"] = triton_fp8.quantize_dual(
-                    xc, pow2, paired_sub=sub, num_warps=warps, max_registers=regs, fast_div=fast_div)
+            for sub, warps, regs, rows in ((64, 4, None, 128), (32, 4, None, 128), (128, 8, None, 128),
+                                           (64, 4, None, 32), (128, 8, None, 64), (None, 8, 128, 128),
+                                           (None, 16, None, 128)):
+                outs[f"dual paired_sub={sub} warps={warps} row_sub={rows}"] = triton_fp8.quantize_dual(
+                    xc, pow2, paired_sub=sub, num_warps=warps, max_registers=regs, fast_div=fast_div, row_sub=rows)
             for name, out in outs.items():
                 assert same_bits(out[0], two[0]) and same_bits(out[1], two[1]), (M, K, dtype, fast_div, name)
         monkeypatch.setattr(fp8, "_DUAL_IMPL", "fused")
@@ -277,10 +279,10 @@ def test_gpu_dual_with_128x128_transposed_blocks_is_bitwise_equal_to_cpu(pow2):
         x[:128, :128] = 0  # an all-zero block (s = 1)
         x[130:140] *= 1e-38  # subnormal values next to normal ones in a block
         cpu = (fp8.quantize_blockwise(x, 1, 128, pow2), fp8.quantize_act_128x128_t(x, pow2))
-        for sub, warps in ((64, 4), (32, 4), (128, 8)):
+        for sub, warps, rows in ((64, 4, 128), (32, 4, 128), (128, 8, 128), (64, 4, 32)):
             for fast_div in (False, True):
                 got = triton_fp8.quantize_dual(x.cuda(), pow2, paired_sub=sub, num_warps=warps, fast_div=fast_div,
-                                               t_blocks="128x128")
+                                               t_blocks="128x128", row_sub=rows)
                 for part_g, part_c in zip(got, cpu):
                     assert same_values(tuple(t.cpu() for t in part_g), part_c), (M, K, dtype, sub, fast_div)
                 padded = got[1][1]._cublas_padded.cpu()

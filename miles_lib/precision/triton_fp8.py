@@ -245,9 +245,9 @@ def _quant_dual_tile_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, strid
 @triton.jit
 def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, stp_ptr, M, K, Mp, stride_xm, STP_ROW,
                               POW2: tl.constexpr, FAST_DIV: tl.constexpr, G: tl.constexpr, SUB: tl.constexpr,
-                              T_2D: tl.constexpr):
-    """Programs 2t and 2t + 1 take the same 128x128 tile t: the first quantizes it 1x128, the
-    second 128x1 (transposed, in SUB-column slices). The pair runs at about the same time, so the
+                              T_2D: tl.constexpr, RSUB: tl.constexpr):
+    """Programs 2t and 2t + 1 take the same 128x128 tile t: the first quantizes it 1x128 (in
+    RSUB-row slices), the second 128x1 (transposed, in SUB-column slices). The pair runs at about the same time, so the
     second read of the tile is served by L2: x comes from DRAM once, and each program holds only
     one quantization's registers (the tile kernel holds both).
 
@@ -262,10 +262,12 @@ def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, stp_ptr, M, K
     rm = mb * 128 + tl.arange(0, 128)
     if pid % 2 == 0:
         rk_rows = kb * 128 + tl.arange(0, 128)
-        x_rows = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk_rows[None, :], mask=rm[:, None] < M,
-                         other=0.0)
-        q, s = _quantize(x_rows, 1, POW2, FAST_DIV)
-        _store_1x128(q_ptr, s_ptr, q, s, rm, kb, M, K)
+        for r in tl.static_range(128 // RSUB):
+            rm_r = mb * 128 + r * RSUB + tl.arange(0, RSUB)
+            x_rows = tl.load(x_ptr + rm_r[:, None].to(tl.int64) * stride_xm + rk_rows[None, :],
+                             mask=rm_r[:, None] < M, other=0.0)
+            q, s = _quantize(x_rows, 1, POW2, FAST_DIV)
+            _store_1x128(q_ptr, s_ptr, q, s, rm_r, kb, M, K)
     elif T_2D:
         amax = 0.0
         for h in tl.static_range(128 // SUB):
@@ -384,18 +386,22 @@ def quantize_128x1_t(x: torch.Tensor, pow2_scales: bool, *, block_k: int = 64, n
 
 
 def quantize_dual(x: torch.Tensor, pow2_scales: bool, *, paired_sub: int | None = 64, num_warps: int = 4,
-                  max_registers: int | None = None, fast_div: bool | None = None, t_blocks: str = "128x1"):
+                  max_registers: int | None = None, fast_div: bool | None = None, t_blocks: str = "128x1",
+                  row_sub: int = 64):
     """(quantize_1x128(x), quantize_128x1_t(x)) bit for bit, reading x from DRAM once (K a multiple
     of 128). ``t_blocks="128x128"``: the transposed copy in 128x128 blocks instead, scales
     [K/128, M'/128] (the dy operand of a wgrad on the faster 128x128 x 1x128 cuBLAS kernel; paired
     kernel only).
 
     ``paired_sub`` (32, 64 or 128): two programs per 128x128 tile, one per quantization, the 128x1
-    one in slices of that many columns (``_quant_dual_paired_kernel``); None: one program per tile
+    one in slices of that many columns, the 1x128 one in slices of ``row_sub`` rows
+    (``_quant_dual_paired_kernel``); None: one program per tile
     holding it in registers for both (``_quant_dual_tile_kernel``, best with num_warps=8,
     max_registers=128). max_registers caps registers per thread (ptxas maxnreg). The defaults were
-    the fastest on the H200 at every measured shape (bench/fp8_probe.py: 32768x7168 0.356 ms vs
-    0.371 for the two kernels and 0.41 for the tile kernel; 32768x2048 0.107 vs 0.111 / 0.122)."""
+    the fastest on the H200 at every measured shape (bench/fp8_probe.py: 32768x7168 0.317 ms vs
+    0.354 with whole 128-row tiles in the 1x128 program, 0.371 for the two kernels and 0.41 for the
+    tile kernel; 32768x2048 0.096 vs 0.107 / 0.111 / 0.122; power-of-two scales 5% faster than the
+    whole tiles; fp8_probe_quant_rows*_h200.json)."""
     if t_blocks not in WGRAD_GRAD_BLOCKS or (t_blocks == "128x128" and paired_sub is None):
         raise ValueError(f"quantize_dual: t_blocks={t_blocks!r} with paired_sub={paired_sub!r}; use '128x1', or "
                          "'128x128' with the paired kernel")
@@ -415,7 +421,7 @@ def quantize_dual(x: torch.Tensor, pow2_scales: bool, *, paired_sub: int | None 
     if paired_sub is not None:
         _quant_dual_paired_kernel[(2 * tiles,)](*args, stp_buf, M, K, Mp, x.stride(0), stp_buf.shape[-1],
                                                 G=_rows_per_rep(x, paired_sub, num_warps, BLOCK), SUB=paired_sub,
-                                                T_2D=t_2d, **meta)
+                                                T_2D=t_2d, RSUB=row_sub, **meta)
     else:
         _quant_dual_tile_kernel[(K // BLOCK, Mp // BLOCK)](*args, M, K, Mp, x.stride(0),
                                                            G=_rows_per_rep(x, BLOCK, num_warps, BLOCK), **meta)
