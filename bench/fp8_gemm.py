@@ -14,13 +14,17 @@ Prints ONE JSON object:
              and forward, bf16 ``torch._grouped_mm`` (autograd) vs ``fp8_grouped_linear`` (Triton
              grouped block-scaled kernels on CUDA; fp32 and power-of-two scales); eager rounds and,
              on CUDA, the CUDA-graph GPU time as for linear[].
+  shared[]:  linears that read one input (q/k/v with GQA, dense gate/up): bf16 one linear each and
+             on a pre-stacked weight, FP8 one linear each and as one stacked linear
+             (``fp8_linear_shared_input``, what the model runs); CUDA-graph GPU time, speedups vs
+             both bf16 variants.
   *_weights_cached (CUDA): the graphed steps again without the weight touch, so FP8 reuses the
              weight's quantized blocks (gradient accumulation: one weight quantization per optimizer
              step, amortized over its micro-batches; this is the many-micro-batch limit).
   summary:   the speedup at the large linear shapes against the 1.4x target.
 Also the relative error of each FP8 forward vs the bf16 one (e4m3 rounding, ~3-4%).
 
-    python bench/fp8_gemm.py --device cuda [--sections linear,grouped]
+    python bench/fp8_gemm.py --device cuda [--sections linear,grouped,shared]
     python bench/fp8_gemm.py --device cpu --quick      # tiny shapes, emulation (checks it runs)
 
 Per-kernel GPU time and host time of one step: bench/fp8_trace.py.
@@ -37,12 +41,18 @@ import torch
 import torch.nn.functional as F
 
 from miles_lib.precision import fp8, fp8_gemm
-from miles_lib.precision.fp8_linear import fp8_grouped_linear, fp8_linear
+from miles_lib.precision.fp8_linear import (
+    fp8_grouped_linear,
+    fp8_linear,
+    fp8_linear_shared_input,
+)
 
 LINEAR = [(8192, 2048, 768), (16384, 4096, 1536), (32768, 7168, 2048), (32768, 4096, 2048)]
 GROUPED = [(64, 512, 2048, 768), (64, 512, 2048, 1536), (128, 256, 4096, 1536)]
 QUICK_LINEAR = [(256, 256, 128)]
 QUICK_GROUPED = [(4, 64, 256, 128)]
+SHARED = [(32768, 4096, (4096, 1024, 1024)), (16384, 4096, (11008, 11008))]  # q/k/v (GQA), dense gate/up
+QUICK_SHARED = [(256, 256, (256, 128, 128))]
 LARGE = 16384  # tokens at or above this are "large shapes" for the target
 ROUNDS = {"cuda": 7, "cpu": 1}  # forward+backward: bf16 and FP8 alternate over this many rounds
 GRAPH_REPS = 40  # CUDA-graph replays per variant, interleaved step by step
@@ -237,6 +247,50 @@ def bench_linear(M, K, N, dev, iters):
             "fwd_rel_err_vs_fp32": err, "gemm_rel_err_vs_dequant_reference": gemm_err}
 
 
+def multi_step(fn, leaves, dys, weights, touch: bool = True):
+    """``fwd_bwd`` for a function with several outputs (one output grad each)."""
+    def step():
+        for t in leaves:
+            t.grad = None
+        if touch:
+            with torch.no_grad():
+                for w in weights:
+                    w.add_(0)
+        torch.autograd.backward(fn(), dys)
+    return step
+
+
+SHARED_RECIPES = {"fp8": {}, "fp8_pow2_dy128x128": RECIPES["fp8_pow2_dy128x128"]}
+
+
+def bench_shared(M, K, Ns, dev, iters):
+    """Linears that read one input (q/k/v, gate/up), forward+backward: bf16 one F.linear each, bf16
+    on one pre-stacked weight (the best bf16 peer: the model would have to store the stack), FP8 one
+    fp8_linear each, and FP8 as one stacked linear (fp8_linear_shared_input, the model's path)."""
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(M, K, generator=g).to(dev, torch.bfloat16).requires_grad_()
+    ws = [torch.nn.Parameter((torch.randn(n, K, generator=g) * 0.02).to(dev, torch.bfloat16)) for n in Ns]
+    w_stack = torch.nn.Parameter(torch.cat([w.detach() for w in ws]))
+    dys = [torch.randn(M, n, generator=g).to(dev, torch.bfloat16) for n in Ns]
+    steps = {"bf16": multi_step(lambda: [F.linear(x, w) for w in ws], (x, *ws), dys, ws),
+             "bf16_stacked": multi_step(lambda: F.linear(x, w_stack).split(list(Ns), -1), (x, w_stack), dys,
+                                        (w_stack,))}
+    for name, kw in SHARED_RECIPES.items():
+        steps[name + "_separate"] = multi_step(lambda kw=kw: [fp8_linear(x, w, **kw) for w in ws], (x, *ws), dys, ws)
+        steps[name + "_shared"] = multi_step(lambda kw=kw: fp8_linear_shared_input(x, ws, [None] * len(ws), **kw),
+                                             (x, *ws), dys, ws)
+    out = {"tokens": M, "hidden": K, "outputs": list(Ns)}
+    if dev == "cuda":
+        times = interleaved_replays({k: cuda_graphed(f) for k, f in steps.items()}, GRAPH_REPS)
+        out["fwd_bwd_gpu_ms_cuda_graphs"] = {k: round(statistics.median(v), 3) for k, v in times.items()}
+        out["speedup_vs_bf16_cuda_graphs"] = median_speedups(times, "bf16")
+        out["speedup_vs_bf16_stacked_cuda_graphs"] = median_speedups(times, "bf16_stacked")
+    else:
+        t = {k: min(v) for k, v in alternating(steps, dev, iters, ROUNDS[dev]).items()}
+        out["fwd_bwd_ms"] = {k: round(v, 3) for k, v in t.items()}
+    return out
+
+
 def bf16_grouped(x, w_ENK, offs):
     return torch._grouped_mm(x, w_ENK.transpose(-2, -1), offs=offs)
 
@@ -307,7 +361,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU check)")
     ap.add_argument("--iters", type=int, default=None)
-    ap.add_argument("--sections", default="linear,grouped", help="comma-separated: linear, grouped")
+    ap.add_argument("--sections", default="linear,grouped,shared", help="comma-separated: linear, grouped, shared")
     args = ap.parse_args()
     sections = args.sections.split(",")
     dev = args.device
@@ -323,6 +377,8 @@ def main() -> None:
                         if "linear" in sections else [])
     result["grouped"] = ([bench_grouped(*s, dev, iters) for s in (QUICK_GROUPED if args.quick else GROUPED)]
                          if "grouped" in sections else [])
+    result["shared"] = ([bench_shared(*s, dev, iters) for s in (QUICK_SHARED if args.quick else SHARED)]
+                        if "shared" in sections else [])
     large = [r for r in result["linear"] if r["tokens"] >= LARGE]
     by_recipe = {k: [r["fwd_bwd_speedup"][k] for r in large] for k in RECIPES}
     medians = {k: [r["fwd_bwd_speedup_rounds"][k]["median_of_rounds"] for r in large] for k in RECIPES}

@@ -85,6 +85,37 @@ def test_fp8_model_bf16_runs():
     assert all(torch.isfinite(m.weight.grad.float()).all() for m in lin)
 
 
+def test_projections_sharing_an_input_run_as_one_fp8_linear():
+    """q/k/v and the dense gate/up (Fp8Config.share_input, on by default) run as one stacked FP8
+    linear: the same logits and gradients as one linear each, up to fp32 summation order."""
+    ref = tiny128(seed=3)
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(4))
+    routing = ref(ids, return_routing=True).routed_experts
+    results = {}
+    for share in (True, False):
+        model = copy.deepcopy(ref)
+        apply_fp8(model, Fp8Config(share_input=share))
+        out = model(ids, routed_experts=routing)
+        out.logits.square().mean().backward()
+        attn, mlp = model.model.layers[0].self_attn, model.model.layers[1].mlp
+        assert hasattr(attn.q_proj.weight, "_fp8_shared_cache") == share  # the stack is cached on q's weight
+        assert hasattr(mlp.gate_proj.weight, "_fp8_shared_cache") == share
+        assert hasattr(attn.k_proj.weight, "_fp8_cache") != share and hasattr(attn.o_proj.weight, "_fp8_cache")
+        results[share] = (out.logits.detach(), [p.grad for p in model.parameters()])
+    (logits, grads), (logits_ref, grads_ref) = results[True], results[False]
+    assert rel(logits, logits_ref) < 1e-5
+    # gradients: fp32-order differences of ~1e-7 upstream flip a few e4m3 roundings further down
+    # (the experts' gate_up wgrad moves by ~2e-4)
+    assert all(rel(g, g_ref) < 1e-3 for g, g_ref in zip(grads, grads_ref))
+    model = tiny128()
+    apply_fp8(model)
+    model.model.layers[0].self_attn.k_proj.pow2_scales = True  # recipes differ: each runs alone
+    model(ids)
+    assert not hasattr(model.model.layers[0].self_attn.q_proj.weight, "_fp8_shared_cache")
+    with pytest.raises(ConfigError, match="share_input"):
+        Fp8Config(share_input="yes")
+
+
 def test_layers_not_multiple_of_128_are_skipped_and_reported():
     model = tiny_model()  # hidden 32: nothing can be block-quantized
     report = apply_fp8(model)

@@ -12,7 +12,12 @@ import pytest
 import torch
 
 from miles_lib.precision import fp8, fp8_gemm
-from miles_lib.precision.fp8_linear import fp8_grouped_linear, fp8_linear
+from miles_lib.precision.fp8_linear import (
+    fp8_grouped_linear,
+    fp8_linear,
+    fp8_linear_shared_input,
+    quantized_weights,
+)
 
 
 def rel(a, b):
@@ -178,6 +183,119 @@ def test_fp8_grouped_linear_matches_per_expert_reference_with_empty_experts():
 # GPU: bit-identical quantization, cuBLAS and Triton within FP8 tensor-core accumulation error
 # ---------------------------------------------------------------------------------------------
 GPU_BOUND = 1e-3  # relative Frobenius vs the fp32 reference on the same quantized operands
+
+
+def _shared_vs_separate(x, ws, bs, dy_parts, **recipe):
+    """(outputs, x.grad, weight grads, bias grads) of fp8_linear_shared_input and of one fp8_linear
+    per weight, on fresh leaves."""
+    results = []
+    for shared in (True, False):
+        xa = x.detach().clone().requires_grad_()
+        wa = [w.detach().clone().requires_grad_() for w in ws]
+        ba = [None if b is None else b.detach().clone().requires_grad_() for b in bs]
+        ys = (fp8_linear_shared_input(xa, wa, ba, **recipe) if shared else
+              [fp8_linear(xa, w, b, **recipe) for w, b in zip(wa, ba)])
+        sum((y.float() * d).sum() for y, d in zip(ys, dy_parts)).backward()
+        results.append(([y.detach() for y in ys], xa.grad, [w.grad for w in wa],
+                        [None if b is None else b.grad for b in ba]))
+    return results
+
+
+@pytest.mark.parametrize("recipe", [{}, {"pow2_scales": True, "wgrad_grad_blocks": "128x128"}])
+def test_shared_input_linears_equal_one_linear_each(recipe):
+    """q/k/v-like projections of one x as one stacked FP8 linear: the same quantized operands per
+    output column, so outputs and gradients equal the separate linears' to fp32 summation order."""
+    g = torch.Generator().manual_seed(21)
+    M, K = 200, 256  # M not a multiple of 128: the wgrad operands are padded
+    x = torch.randn(2, M // 2, K, generator=g)
+    ws = [torch.randn(n, K, generator=g) * s for n, s in ((256, 1.0), (128, 30.0), (128, 0.01))]
+    bs = [torch.randn(256, generator=g), None, torch.randn(128, generator=g)]
+    dy = [torch.randn(2, M // 2, w.shape[0], generator=g) * s for w, s in zip(ws, (1.0, 1e-3, 50.0))]
+    (ys, dx, dws, dbs), (ys_ref, dx_ref, dws_ref, dbs_ref) = _shared_vs_separate(x, ws, bs, dy, **recipe)
+    for y, y_ref in zip(ys, ys_ref):
+        assert y.shape == y_ref.shape and rel(y, y_ref) <= 1e-6
+    assert rel(dx, dx_ref) <= 1e-6  # one dgrad GEMM summing the three contributions in fp32
+    for d, d_ref in zip(dws, dws_ref):
+        assert d.shape == d_ref.shape and rel(d, d_ref) <= 1e-6
+    assert torch.equal(dbs[0], dbs_ref[0]) and dbs[1] is None and torch.equal(dbs[2], dbs_ref[2])
+    xd = x.detach().reshape(M, K)
+    assert 0.005 < rel(ys[1].reshape(M, -1), xd @ ws[1].T) < 0.06  # and it did quantize
+    with torch.no_grad():  # the inference path: the same forward
+        assert all(torch.equal(a, b) for a, b in zip(fp8_linear_shared_input(x, ws, bs, **recipe), ys))
+
+
+def test_shared_input_output_left_unused_gets_zero_weight_grad():
+    """An output no loss reads (its grad arrives as None) counts as a zero grad: its weight gets a
+    zero gradient (one linear alone would get None), the others are as if it were absent."""
+    g = torch.Generator().manual_seed(24)
+    x = torch.randn(130, 256, generator=g)
+    ws = [torch.randn(n, 256, generator=g) for n in (128, 256, 128)]
+    dy = [torch.randn(130, w.shape[0], generator=g) for w in ws]
+    dy[1] = torch.zeros_like(dy[1])
+    _, (_, dx_ref, dws_ref, _) = _shared_vs_separate(x, ws, [None] * 3, dy)
+    xa = x.clone().requires_grad_()
+    wa = [w.clone().requires_grad_() for w in ws]
+    q, _, v = fp8_linear_shared_input(xa, wa, [None] * 3)
+    ((q * dy[0]).sum() + (v * dy[2]).sum()).backward()  # the middle output is never used
+    assert torch.equal(wa[1].grad, torch.zeros_like(ws[1]))
+    assert rel(xa.grad, dx_ref) <= 1e-6 and rel(wa[0].grad, dws_ref[0]) <= 1e-6 and rel(wa[2].grad, dws_ref[2]) <= 1e-6
+
+
+def test_shared_input_weight_stack_is_cached_until_any_weight_changes():
+    g = torch.Generator().manual_seed(22)
+    ws = tuple(torch.nn.Parameter(torch.randn(n, 256, generator=g)) for n in (256, 128))
+    (q1, s1), (qt1, st1) = quantized_weights(ws, False, for_dgrad=True)
+    ref = fp8.quantize_weight_128x128(torch.cat([w.detach() for w in ws]), with_transpose=True)
+    assert same_values((q1, s1), ref[0]) and same_values((qt1, st1), ref[1])
+    assert quantized_weights(ws, False)[0] is q1  # a hit, also for the forward-only request
+    with torch.no_grad():
+        ws[1].mul_(2)  # the second weight's optimizer step
+    q2, s2 = quantized_weights(ws, False)
+    assert q2 is not q1 and same_values((q2, s2), fp8.quantize_weight_128x128(torch.cat([w.detach() for w in ws])))
+    assert not hasattr(ws[1], "_fp8_shared_cache") and not hasattr(ws[0], "_fp8_cache")  # one copy, on ws[0]
+    with pytest.raises(ValueError, match="in-features"):
+        fp8_linear_shared_input(torch.randn(4, 256), [ws[0], torch.randn(128, 384)], [None, None])
+    with pytest.raises(ValueError, match="one bias"):
+        fp8_linear_shared_input(torch.randn(4, 256), list(ws), [None])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t_blocks", ["128x1", "128x128"])
+def test_gpu_stacked_dual_quantization_equals_quantizing_the_concatenation(t_blocks):
+    from miles_lib.precision import triton_fp8
+    g = torch.Generator().manual_seed(25)
+    for M in (200, 256):
+        xs = [(torch.randn(M, n, generator=g) * s).bfloat16().cuda() for n, s in ((256, 1.0), (128, 1e3), (128, 1e-3))]
+        for pow2 in (False, True):
+            ref = triton_fp8.quantize_dual(torch.cat(xs, 1), pow2, t_blocks=t_blocks)
+            got = fp8.quantize_act_dual_stacked(xs, pow2, t_blocks)
+            assert same_bits(got[0], ref[0]) and same_bits(got[1], ref[1]), (M, pow2)
+            if t_blocks == "128x128":
+                assert torch.equal(got[1][1]._cublas_padded, ref[1][1]._cublas_padded)
+            cpu = fp8.quantize_act_dual_stacked([x.cpu() for x in xs], pow2, t_blocks)
+            assert all(same_values(tuple(t.cpu() for t in a), b) for a, b in zip(got, cpu))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_shared_input_linears_match_separate_and_cpu(dtype):
+    """On cuBLAS the stacked GEMM may take another kernel than the separate ones: equal within the
+    FP8 accumulation bound, and the same as the CPU emulation."""
+    g = torch.Generator().manual_seed(23)
+    x = torch.randn(300, 512, generator=g).to(dtype)
+    ws = [torch.randn(n, 512, generator=g).to(dtype) for n in (512, 128, 128)]
+    bs = [None, torch.randn(128, generator=g).to(dtype), None]
+    dy = [torch.randn(300, w.shape[0], generator=g).to(dtype) for w in ws]
+    tol = GPU_BOUND if dtype == torch.float32 else 8e-3
+    cuda = _shared_vs_separate(x.cuda(), [w.cuda() for w in ws], [b if b is None else b.cuda() for b in bs],
+                               [d.cuda() for d in dy], wgrad_grad_blocks="128x128")
+    cpu = _shared_vs_separate(x, ws, bs, dy, wgrad_grad_blocks="128x128")
+    for (ys, dx, dws, _), (ys_c, dx_c, dws_c, _) in zip(cuda, cpu):
+        for got, ref in zip([*ys, dx, *dws], [*ys_c, dx_c, *dws_c]):
+            assert rel(got.cpu(), ref) < tol
+    (ys, dx, dws, _), (ys_s, dx_s, dws_s, _) = cuda
+    for got, ref in zip([*ys, dx, *dws], [*ys_s, dx_s, *dws_s]):
+        assert rel(got, ref) < tol
 
 
 @pytest.mark.gpu

@@ -89,6 +89,21 @@ def causal_padding_mask(attention_mask: torch.Tensor | None, B: int, T: int,
     return (causal & keys) | eye
 
 
+def shared_input_linears(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> list[torch.Tensor]:
+    """[lin(x) for lin in linears] — the projections that read the same input (q/k/v, gate/up).
+
+    A linear class may run them as one: ``forward_shared_input(x, linears)`` (a classmethod) returns
+    the outputs, or None where it cannot (then each runs alone). FP8 layers use it to quantize x
+    once and run one GEMM per direction over the concatenated weights (``Fp8Linear``); the model
+    itself stays free of precision code."""
+    fused = getattr(type(linears[0]), "forward_shared_input", None)
+    if fused is not None and all(type(lin) is type(linears[0]) for lin in linears):
+        out = fused(x, linears)
+        if out is not None:
+            return out
+    return [lin(x) for lin in linears]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -109,9 +124,10 @@ class Attention(nn.Module):
     def forward(self, x_BTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, kv_cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x_BTD.shape
-        q = self.q_proj(x_BTD).view(B, T, self.n_heads, self.head_dim)
-        k = self.k_proj(x_BTD).view(B, T, self.n_kv, self.head_dim)
-        v = self.v_proj(x_BTD).view(B, T, self.n_kv, self.head_dim)
+        q, k, v = shared_input_linears(x_BTD, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.view(B, T, self.n_heads, self.head_dim)
+        k = k.view(B, T, self.n_kv, self.head_dim)
+        v = v.view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q.transpose(1, 2), cos, sin)
@@ -135,4 +151,5 @@ class SwiGLUMLP(nn.Module):
         self.down_proj = nn.Linear(inner, hidden, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = shared_input_linears(x, (self.gate_proj, self.up_proj))
+        return self.down_proj(F.silu(gate) * up)

@@ -73,7 +73,7 @@ def apply_fp8(model: nn.Module, cfg: Fp8Config | None = None) -> ConversionRepor
         if mod.in_features % 128 or mod.out_features % 128:
             report.skipped[name] = f"[{mod.out_features}, {mod.in_features}] not multiples of 128"
             continue
-        _set_module(model, name, Fp8Linear.from_linear(mod, cfg.pow2_scales, cfg.wgrad_grad_blocks))
+        _set_module(model, name, Fp8Linear.from_linear(mod, cfg.pow2_scales, cfg.wgrad_grad_blocks, cfg.share_input))
         report.converted.append(name)
     if "experts" in cfg.modules:
         for name, ex in _eligible_experts(model, 128, "128", report):

@@ -167,6 +167,19 @@ def quantize_act_dual(x: torch.Tensor, pow2_scales: bool = False, t_blocks: str 
     return quantize_act_1x128(x, pow2_scales), quantize_act_t(x, pow2_scales, t_blocks)
 
 
+def quantize_act_dual_stacked(xs: list[torch.Tensor], pow2_scales: bool = False, t_blocks: str = "128x1"):
+    """``quantize_act_dual(torch.cat(xs, dim=1))``: the output grads of linears that share an input,
+    stacked. Every x_i's width is a multiple of 128, so no tile spans two parts and the result is
+    their separate quantizations side by side; on CUDA each part is quantized into its slice of the
+    stacked buffers (no concatenated copy of the parts)."""
+    for x in xs:
+        _check_divisible(x.shape, 1, BLOCK, "1x128")
+    if _triton_ok(xs[0]) and all(x.dim() == 2 for x in xs):
+        from miles_lib.precision import triton_fp8
+        return triton_fp8.quantize_dual_stacked(xs, pow2_scales, t_blocks)
+    return quantize_act_dual(torch.cat(xs, dim=1), pow2_scales, t_blocks)
+
+
 def quantize_act_t(x: torch.Tensor, pow2_scales: bool = False, t_blocks: str = "128x1"):
     """The transposed wgrad operand of x in ``t_blocks``: ``quantize_act_128x1_t`` or
     ``quantize_act_128x128_t``."""
@@ -204,9 +217,13 @@ class Fp8Config(ConfigBase):
     wgrad_grad_blocks: str = "128x1"
     # which parts of the decoder run FP8 GEMMs; router, norms, embeddings and lm_head never do
     modules: list[str] = dataclasses.field(default_factory=lambda: list(FP8_MODULES))
+    # linears that read the same input (q/k/v, dense gate/up) run as one FP8 linear over their
+    # stacked weights: x and dy quantized once, one GEMM per direction (False: each alone)
+    share_input: bool = True
 
     def __post_init__(self) -> None:
         check(isinstance(self.pow2_scales, bool), "Fp8Config", "pow2_scales", self.pow2_scales, "a bool")
+        check(isinstance(self.share_input, bool), "Fp8Config", "share_input", self.share_input, "a bool")
         check(self.wgrad_grad_blocks in WGRAD_GRAD_BLOCKS, "Fp8Config", "wgrad_grad_blocks", self.wgrad_grad_blocks,
               f"one of {list(WGRAD_GRAD_BLOCKS)}")
         bad = [m for m in self.modules if m not in FP8_MODULES]

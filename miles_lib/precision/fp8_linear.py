@@ -11,6 +11,13 @@ which runs on fprop's cuBLAS kernel (as (x^T dy)^T where cuBLAS lacks the 128x12
 ~1.4x the speed of the 1x128 x 1x128 kernel on the H200); dy's entries
 lose precision only where their block spans more than e4m3's ~4.5 decades. Dense layers only; the
 grouped expert wgrad keeps 128x1.
+Linears that read the same input (q/k/v, gate/up: ``fp8_linear_shared_input``, reached from the
+model through ``Fp8Linear.forward_shared_input``) run as ONE such linear over their weights stacked
+along N: x is quantized once instead of once per linear, dy once over the concatenated output
+grads, and each direction is one GEMM (the dgrad sums the linears' contributions in its fp32
+accumulator, not in bf16 afterwards). Stacking is exact: every N_i is a multiple of 128, so no
+128x128 weight block and no 1x128 dy tile spans two linears; each output column is computed from
+the same operands as alone.
 The forward saves the dgrad operand (W's FP8 blocks transposed, written by the same kernel that
 quantizes W for fprop, from one read of W) and the 128x1-quantized x (half the bytes of a bf16 x),
 so the backward never re-reads x or W in high precision. The master weight stays in its own dtype
@@ -25,8 +32,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from miles_lib.precision.fp8 import (WGRAD_GRAD_BLOCKS, quantize_act_1x128, quantize_act_dual, quantize_act_t,
-                                     quantize_weight_128x128)
+from miles_lib.precision.fp8 import (WGRAD_GRAD_BLOCKS, quantize_act_1x128, quantize_act_dual,
+                                     quantize_act_dual_stacked, quantize_act_t, quantize_weight_128x128)
 from miles_lib.precision.fp8_gemm import fp8_mm, grouped_fp8_mm, grouped_fp8_wgrad
 
 
@@ -43,15 +50,27 @@ def quantized_weight(w: torch.Tensor, pow2_scales: bool, for_dgrad: bool = False
     version). So the rollout engine quantizes each weight once per weight sync, and the trainer
     once per optimizer step instead of once per micro-batch. Both orientations come from one
     kernel reading w once; inference never asks for (or stores) the transpose."""
-    if not _cache_allowed() or not isinstance(w, nn.Parameter):
-        return quantize_weight_128x128(w, pow2_scales, for_dgrad)
-    key = (w.data_ptr(), w._version, pow2_scales, w.dtype)
-    cache = getattr(w, "_fp8_cache", None)
+    return quantized_weights((w,), pow2_scales, for_dgrad)
+
+
+def quantized_weights(ws: tuple[torch.Tensor, ...], pow2_scales: bool, for_dgrad: bool = False):
+    """``quantized_weight`` of the weights stacked along N (their rows): the weight operand of the
+    linears that share an input. Cached on the first weight (``_fp8_cache``, or
+    ``_fp8_shared_cache`` for a stack, so a layer used alone and in a stack keeps both), keyed on
+    every weight's storage and version; only the stack is stored, not each weight's blocks."""
+    w0 = ws[0]
+    attr = "_fp8_cache" if len(ws) == 1 else "_fp8_shared_cache"
+    cacheable = _cache_allowed() and all(isinstance(w, nn.Parameter) for w in ws)
+    key = (tuple((w.data_ptr(), w._version) for w in ws), pow2_scales, w0.dtype)
+    cache = getattr(w0, attr, None) if cacheable else None
     if cache is None or cache["key"] != key or (for_dgrad and cache["qt"] is None):
         with torch.inference_mode(False), torch.no_grad():  # normal tensors: autograd may save them
-            out = quantize_weight_128x128(w.detach(), pow2_scales, for_dgrad)
+            w = w0.detach() if len(ws) == 1 else torch.cat([w.detach() for w in ws])
+            out = quantize_weight_128x128(w, pow2_scales, for_dgrad)
         q, qt = out if for_dgrad else (out, None)
-        cache = w._fp8_cache = {"key": key, "q": q, "qt": qt}
+        cache = {"key": key, "q": q, "qt": qt}
+        if cacheable:
+            setattr(w0, attr, cache)
     return (cache["q"], cache["qt"]) if for_dgrad else cache["q"]
 
 
@@ -59,11 +78,11 @@ def _grad_dtype(w: torch.Tensor) -> torch.dtype:
     return w.dtype if w.dtype in (torch.float32, torch.bfloat16) else torch.float32
 
 
-def _weight_operands(w, pow2: bool, need_dgrad: bool):
-    """(fprop operand, dgrad operand or (None, None))."""
+def _weight_operands(ws, pow2: bool, need_dgrad: bool):
+    """(fprop operand, dgrad operand or (None, None)) of the weights stacked along N."""
     if need_dgrad:
-        return quantized_weight(w, pow2, for_dgrad=True)
-    return quantized_weight(w, pow2), (None, None)
+        return quantized_weights(ws, pow2, for_dgrad=True)
+    return quantized_weights(ws, pow2), (None, None)
 
 
 def _quantize_input(x, pow2: bool, need_wgrad: bool):
@@ -82,26 +101,55 @@ def _quantize_grad(dy, pow2: bool, needs: tuple[bool, bool], t_blocks: str = "12
 
 
 class _Fp8LinearFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_MK, w_NK, pow2_scales: bool, wgrad_grad_blocks: str):
-        (qx, sx), (qxt, sxt) = _quantize_input(x_MK, pow2_scales, ctx.needs_input_grad[1])
-        (qw, sw), (qwt, swt) = _weight_operands(w_NK, pow2_scales, ctx.needs_input_grad[0])
-        y = fp8_mm(qx, sx, qw, sw, out_dtype=x_MK.dtype)
-        ctx.save_for_backward(qwt, swt, qxt, sxt)
-        ctx.pow2, ctx.t_blocks, ctx.w_dtype = pow2_scales, wgrad_grad_blocks, _grad_dtype(w_NK)
-        return y
+    """y = x [W_1; ...; W_n]^T for one or more weights (stacked along N; see the module note); with
+    several weights the outputs are y's column slices, one per weight, and their grads arrive
+    separately (quantized into one stacked operand without concatenating them)."""
 
     @staticmethod
-    def backward(ctx, dy_MN):
+    def forward(ctx, x_MK, pow2_scales: bool, wgrad_grad_blocks: str, *ws_NK):
+        (qx, sx), (qxt, sxt) = _quantize_input(x_MK, pow2_scales, any(ctx.needs_input_grad[3:]))
+        (qw, sw), (qwt, swt) = _weight_operands(ws_NK, pow2_scales, ctx.needs_input_grad[0])
+        y = fp8_mm(qx, sx, qw, sw, out_dtype=x_MK.dtype)
+        ctx.save_for_backward(qwt, swt, qxt, sxt)
+        ctx.pow2, ctx.t_blocks, ctx.w_dtype = pow2_scales, wgrad_grad_blocks, _grad_dtype(ws_NK[0])
+        ctx.rows = [w.shape[0] for w in ws_NK]
+        return y if len(ws_NK) == 1 else y.split(ctx.rows, dim=1)
+
+    @staticmethod
+    def backward(ctx, *dys_MN):
         qwt, swt, qxt, sxt = ctx.saved_tensors
-        dy_MN = dy_MN.contiguous()
-        dx = dw = None
-        (qdy, sdy), (qdyt, sdyt) = _quantize_grad(dy_MN, ctx.pow2, ctx.needs_input_grad[:2], ctx.t_blocks)
-        if ctx.needs_input_grad[0]:
-            dx = fp8_mm(qdy, sdy, qwt, swt, out_dtype=dy_MN.dtype)
-        if ctx.needs_input_grad[1]:
+        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[3:]
+        dx, dws = None, [None] * len(ctx.rows)
+        ref = next(d for d in dys_MN if d is not None)
+        dys = [d.contiguous() if d is not None else ref.new_zeros(ref.shape[0], n)  # an unused output: None
+               for d, n in zip(dys_MN, ctx.rows)]
+        if len(dys) > 1 and need_dx and any(need_dw):
+            (qdy, sdy), (qdyt, sdyt) = quantize_act_dual_stacked(dys, ctx.pow2, ctx.t_blocks)
+        else:
+            dy = dys[0] if len(dys) == 1 else torch.cat(dys, dim=1)
+            (qdy, sdy), (qdyt, sdyt) = _quantize_grad(dy, ctx.pow2, (need_dx, any(need_dw)), ctx.t_blocks)
+        if need_dx:
+            dx = fp8_mm(qdy, sdy, qwt, swt, out_dtype=ref.dtype)
+        if any(need_dw):
             dw = fp8_mm(qdyt, sdyt, qxt, sxt, out_dtype=ctx.w_dtype)
-        return dx, dw, None, None
+            dws = [d if need else None for d, need in zip(dw.split(ctx.rows), need_dw)]
+        return dx, None, None, *dws
+
+
+def _check_recipe(wgrad_grad_blocks: str, who: str) -> None:
+    if wgrad_grad_blocks not in WGRAD_GRAD_BLOCKS:
+        raise ValueError(f"{who}: wgrad_grad_blocks={wgrad_grad_blocks!r}, expected one of {list(WGRAD_GRAD_BLOCKS)}")
+
+
+def _fp8_linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], pow2_scales: bool, wgrad_grad_blocks: str):
+    """x [..., K] times the stacked weights -> [M, sum N_i] (M = the flattened leading dims), or
+    (autograd, several weights) its column slices, one per weight."""
+    x2 = x.reshape(-1, x.shape[-1])
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+        return _Fp8LinearFn.apply(x2, pow2_scales, wgrad_grad_blocks, *weights)
+    qx, sx = quantize_act_1x128(x2, pow2_scales)
+    qw, sw = quantized_weights(weights, pow2_scales)
+    return fp8_mm(qx, sx, qw, sw, out_dtype=x.dtype)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -109,19 +157,26 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
     """y = x W^T (+ b) with all three GEMMs on block-scaled FP8 operands (see the module note).
 
     x [..., K], weight [N, K] with K and N multiples of 128; the bias is added in x's dtype."""
-    if wgrad_grad_blocks not in WGRAD_GRAD_BLOCKS:
-        raise ValueError(f"fp8_linear: wgrad_grad_blocks={wgrad_grad_blocks!r}, expected one of "
-                         f"{list(WGRAD_GRAD_BLOCKS)}")
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
-        y = _Fp8LinearFn.apply(x2, weight, pow2_scales, wgrad_grad_blocks)
-    else:
-        qx, sx = quantize_act_1x128(x2, pow2_scales)
-        qw, sw = quantized_weight(weight, pow2_scales)
-        y = fp8_mm(qx, sx, qw, sw, out_dtype=x.dtype)
-    y = y.reshape(*shape[:-1], weight.shape[0])
+    _check_recipe(wgrad_grad_blocks, "fp8_linear")
+    y = _fp8_linears(x, (weight,), pow2_scales, wgrad_grad_blocks).reshape(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias.to(y.dtype)
+
+
+def fp8_linear_shared_input(x: torch.Tensor, weights: list[torch.Tensor], biases: list[torch.Tensor | None],
+                            pow2_scales: bool = False, wgrad_grad_blocks: str = "128x1") -> list[torch.Tensor]:
+    """[fp8_linear(x, w_i, b_i) for each i] as one linear over the weights stacked along N: x and dy
+    quantized once, one GEMM per direction (see the module note). Every w_i is [N_i, K] with the
+    same K, dtype and device, N_i a multiple of 128. The outputs are column slices (views) of one
+    [..., sum N_i] tensor."""
+    _check_recipe(wgrad_grad_blocks, "fp8_linear_shared_input")
+    K = weights[0].shape[1]
+    if len(weights) != len(biases) or any(w.shape[1] != K or w.dtype != weights[0].dtype for w in weights):
+        raise ValueError(f"fp8_linear_shared_input: weights {[list(w.shape) for w in weights]} "
+                         f"({[str(w.dtype) for w in weights]}) with {len(biases)} biases; need one bias "
+                         "(or None) per weight and one in-features size and dtype")
+    y = _fp8_linears(x, tuple(weights), pow2_scales, wgrad_grad_blocks)
+    outs = y.split([w.shape[0] for w in weights], dim=-1) if isinstance(y, torch.Tensor) else y
+    return [(o if b is None else o + b.to(o.dtype)).reshape(*x.shape[:-1], -1) for o, b in zip(outs, biases)]
 
 
 class Fp8Linear(nn.Linear):
@@ -129,9 +184,11 @@ class Fp8Linear(nn.Linear):
 
     pow2_scales: bool = False
     wgrad_grad_blocks: str = "128x1"
+    share_input: bool = True  # run with the linears that read the same input as one (forward_shared_input)
 
     @classmethod
-    def from_linear(cls, lin: nn.Linear, pow2_scales: bool = False, wgrad_grad_blocks: str = "128x1") -> "Fp8Linear":
+    def from_linear(cls, lin: nn.Linear, pow2_scales: bool = False, wgrad_grad_blocks: str = "128x1",
+                    share_input: bool = True) -> "Fp8Linear":
         if lin.in_features % 128 or lin.out_features % 128:
             raise ValueError(f"Fp8Linear needs in/out features that are multiples of 128, got "
                              f"[{lin.out_features}, {lin.in_features}]; keep this layer in high precision")
@@ -141,14 +198,29 @@ class Fp8Linear(nn.Linear):
         new.bias = lin.bias
         new.pow2_scales = pow2_scales
         new.wgrad_grad_blocks = wgrad_grad_blocks
+        new.share_input = share_input
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return fp8_linear(x, self.weight, self.bias, self.pow2_scales, self.wgrad_grad_blocks)
 
+    @classmethod
+    def forward_shared_input(cls, x: torch.Tensor, linears) -> list[torch.Tensor] | None:
+        """The model's hook for linears that read one input (``model.layers.shared_input_linears``):
+        one ``fp8_linear_shared_input`` when they agree on the recipe, dtype and device and all
+        have ``share_input`` set; None (each runs alone) otherwise."""
+        first = linears[0]
+        if not all(lin.share_input and lin.pow2_scales == first.pow2_scales
+                   and lin.wgrad_grad_blocks == first.wgrad_grad_blocks and lin.in_features == first.in_features
+                   and lin.weight.dtype == first.weight.dtype and lin.weight.device == first.weight.device
+                   for lin in linears):
+            return None
+        return fp8_linear_shared_input(x, [lin.weight for lin in linears], [lin.bias for lin in linears],
+                                       first.pow2_scales, first.wgrad_grad_blocks)
+
     def extra_repr(self) -> str:
         return (super().extra_repr() + f", fp8=e4m3 1x128/128x128, pow2_scales={self.pow2_scales}, "
-                f"wgrad_grad_blocks={self.wgrad_grad_blocks}")
+                f"wgrad_grad_blocks={self.wgrad_grad_blocks}, share_input={self.share_input}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +230,7 @@ class _Fp8GroupedFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_MK, w_ENK, offs_E, pow2_scales: bool):
         (qx, sx), (qxt, sxt) = _quantize_input(x_MK, pow2_scales, ctx.needs_input_grad[1])
-        (qw, sw), (qwt, swt) = _weight_operands(w_ENK, pow2_scales, ctx.needs_input_grad[0])
+        (qw, sw), (qwt, swt) = _weight_operands((w_ENK,), pow2_scales, ctx.needs_input_grad[0])
         y = grouped_fp8_mm(qx, sx, qw, sw, offs_E, out_dtype=x_MK.dtype)
         ctx.save_for_backward(qwt, swt, qxt, sxt, offs_E)
         ctx.pow2, ctx.w_dtype = pow2_scales, _grad_dtype(w_ENK)

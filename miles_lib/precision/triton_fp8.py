@@ -169,12 +169,12 @@ def _load_rows(x_ptr, row0, rk, M, K, stride_xm, ROWS: tl.constexpr, G: tl.const
 
 
 @triton.jit
-def _store_1x128(q_ptr, s_ptr, q, s, rm, kb, M, K):
-    """Rows rm of the 128 columns of K block kb: q into the [M, K] output, s into the [K/128, M]
-    scales (outer-dim-major)."""
+def _store_1x128(q_ptr, s_ptr, q, s, rm, kb, M, LDQ):
+    """Rows rm of the 128 columns of K block kb: q into the [M, K] output (row stride LDQ), s into
+    the [K/128, M] scales (outer-dim-major)."""
     rk = kb * 128 + tl.arange(0, 128)
     mmask = rm < M
-    tl.store(q_ptr + rm[:, None].to(tl.int64) * K + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=mmask[:, None])
+    tl.store(q_ptr + rm[:, None].to(tl.int64) * LDQ + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=mmask[:, None])
     tl.store(s_ptr + kb * M + rm, s, mask=mmask)
 
 
@@ -243,7 +243,7 @@ def _quant_dual_tile_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, strid
 
 
 @triton.jit
-def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, stp_ptr, M, K, Mp, stride_xm, STP_ROW,
+def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, stp_ptr, M, K, Mp, stride_xm, LDQ, LDST, STP_ROW,
                               POW2: tl.constexpr, FAST_DIV: tl.constexpr, G: tl.constexpr, SUB: tl.constexpr,
                               T_2D: tl.constexpr, RSUB: tl.constexpr):
     """Programs 2t and 2t + 1 take the same 128x128 tile t: the first quantizes it 1x128 (in
@@ -253,7 +253,10 @@ def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, stp_ptr, M, K
 
     T_2D: the transposed copy has one scale per 128x128 block instead (the block's amax from a
     first pass over the slices, also served by L2), written to st [K/128, Mp/128] and to stp, its
-    rows padded to STP_ROW with ones (cuBLAS's 128x128 scale layout)."""
+    rows padded to STP_ROW with ones (cuBLAS's 128x128 scale layout).
+
+    LDQ, LDST: row strides of q and of the 128x1 scale buffer [M'/128, K] (K and K when the outputs
+    are x's own; larger when they are column slices of a stack, ``quantize_dual_stacked``)."""
     pid = tl.program_id(0)
     t = pid // 2
     nkb = K // 128
@@ -267,7 +270,7 @@ def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, stp_ptr, M, K
             x_rows = tl.load(x_ptr + rm_r[:, None].to(tl.int64) * stride_xm + rk_rows[None, :],
                              mask=rm_r[:, None] < M, other=0.0)
             q, s = _quantize(x_rows, 1, POW2, FAST_DIV)
-            _store_1x128(q_ptr, s_ptr, q, s, rm_r, kb, M, K)
+            _store_1x128(q_ptr, s_ptr, q, s, rm_r, kb, M, LDQ)
     elif T_2D:
         amax = 0.0
         for h in tl.static_range(128 // SUB):
@@ -288,7 +291,7 @@ def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, stp_ptr, M, K
             x_cols = _load_rows(x_ptr, mb * 128, rk_cols, M, K, stride_xm, 128, G, "")
             qt, st = _quantize(x_cols, 0, POW2, FAST_DIV)
             _store_128x1_t(qt_ptr, qt, rm, rk_cols, K, Mp)
-            tl.store(st_ptr + mb * K + rk_cols, st)
+            tl.store(st_ptr + mb * LDST + rk_cols, st)
 
 
 @triton.jit
@@ -387,7 +390,7 @@ def quantize_128x1_t(x: torch.Tensor, pow2_scales: bool, *, block_k: int = 64, n
 
 def quantize_dual(x: torch.Tensor, pow2_scales: bool, *, paired_sub: int | None = 64, num_warps: int = 4,
                   max_registers: int | None = None, fast_div: bool | None = None, t_blocks: str = "128x1",
-                  row_sub: int = 64):
+                  row_sub: int = 64, out: tuple | None = None):
     """(quantize_1x128(x), quantize_128x1_t(x)) bit for bit, reading x from DRAM once (K a multiple
     of 128). ``t_blocks="128x128"``: the transposed copy in 128x128 blocks instead, scales
     [K/128, M'/128] (the dy operand of a wgrad on the faster 128x128 x 1x128 cuBLAS kernel; paired
@@ -407,24 +410,53 @@ def quantize_dual(x: torch.Tensor, pow2_scales: bool, *, paired_sub: int | None 
                          "'128x128' with the paired kernel")
     x = _row_major_input(x)
     M, K = x.shape
-    q, s_buf = _alloc_1x128(M, K, x.device)
-    qt, st_buf = _alloc_128x1_t(M, K, x.device)
-    Mp = qt.shape[1]
     t_2d = t_blocks == "128x128"
-    if t_2d:
-        st_buf, stp_buf = _scales_128x128([], K // BLOCK, Mp // BLOCK, x.device)
+    if out is not None:  # slices of stacked buffers (quantize_dual_stacked); paired kernel only
+        q, s_buf, qt, st_buf, stp_buf = out
     else:
-        stp_buf = st_buf
+        q, s_buf = _alloc_1x128(M, K, x.device)
+        qt, st_buf = _alloc_128x1_t(M, K, x.device)
+        st_buf, stp_buf = _scales_128x128([], K // BLOCK, qt.shape[1] // BLOCK, x.device) if t_2d else (st_buf, st_buf)
+    Mp = qt.shape[1]
     args = (x, q, s_buf, qt, st_buf)
     meta = {"POW2": pow2_scales, "FAST_DIV": _fast_div(fast_div), "num_warps": num_warps, "maxnreg": max_registers}
     tiles = (K // BLOCK) * (Mp // BLOCK)
     if paired_sub is not None:
-        _quant_dual_paired_kernel[(2 * tiles,)](*args, stp_buf, M, K, Mp, x.stride(0), stp_buf.shape[-1],
+        _quant_dual_paired_kernel[(2 * tiles,)](*args, stp_buf, M, K, Mp, x.stride(0), q.stride(0), st_buf.stride(0),
+                                                stp_buf.stride(0),
                                                 G=_rows_per_rep(x, paired_sub, num_warps, BLOCK), SUB=paired_sub,
                                                 T_2D=t_2d, RSUB=row_sub, **meta)
     else:
+        if out is not None:
+            raise ValueError("quantize_dual: out= needs the paired kernel (paired_sub)")
         _quant_dual_tile_kernel[(K // BLOCK, Mp // BLOCK)](*args, M, K, Mp, x.stride(0),
                                                            G=_rows_per_rep(x, BLOCK, num_warps, BLOCK), **meta)
+    return (q, s_buf.t()), (qt, st_buf if t_2d else st_buf.t())
+
+
+def quantize_dual_stacked(xs: list[torch.Tensor], pow2_scales: bool, t_blocks: str = "128x1"):
+    """``quantize_dual(torch.cat(xs, 1))`` without the concatenation: each x_i [M, K_i] (K_i a
+    multiple of 128, so no tile spans two of them) is quantized into its column slice of the
+    stacked outputs (q [M, sum K_i], 1x128 scales, q^T [sum K_i, M'] and its 128x1 or 128x128
+    scales) by the paired kernel. The stacked output grads of linears that share an input."""
+    M, Ks = xs[0].shape[0], [x.shape[1] for x in xs]
+    Kt, dev = sum(Ks), xs[0].device
+    q, s_buf = _alloc_1x128(M, Kt, dev)
+    qt, st_buf = _alloc_128x1_t(M, Kt, dev)
+    Mp = qt.shape[1]
+    t_2d = t_blocks == "128x128"
+    if t_2d:
+        st_buf, stp_buf = _scales_128x128([], Kt // BLOCK, Mp // BLOCK, dev)
+    off = 0
+    for x, K in zip(xs, Ks):
+        if x.shape[0] != M or K % BLOCK:
+            raise ValueError(f"quantize_dual_stacked: parts {[list(t.shape) for t in xs]}; need one row count and "
+                             "column counts that are multiples of 128")
+        blk = slice(off // BLOCK, (off + K) // BLOCK)
+        outs = ((q[:, off:off + K], s_buf[blk], qt[off:off + K], st_buf[blk], stp_buf[blk]) if t_2d else
+                (q[:, off:off + K], s_buf[blk], qt[off:off + K], st_buf[:, off:off + K], st_buf[:, off:off + K]))
+        quantize_dual(x, pow2_scales, t_blocks=t_blocks, out=outs)
+        off += K
     return (q, s_buf.t()), (qt, st_buf if t_2d else st_buf.t())
 
 
