@@ -13,9 +13,10 @@ lose precision only where their block spans more than e4m3's ~4.5 decades. Dense
 grouped expert wgrad keeps 128x1.
 Linears that read the same input (q/k/v, gate/up: ``fp8_linear_shared_input``, reached from the
 model through ``Fp8Linear.forward_shared_input``) run as ONE such linear over their weights stacked
-along N: x is quantized once instead of once per linear, dy once over the concatenated output
-grads, and each direction is one GEMM (the dgrad sums the linears' contributions in its fp32
-accumulator, not in bf16 afterwards). Stacking is exact: every N_i is a multiple of 128, so no
+along N: x is quantized once instead of once per linear, the output grads into one stacked
+operand (each into its column slice, never concatenated in high precision), and each direction is
+one GEMM (the dgrad sums the linears' contributions in its fp32 accumulator, not in bf16
+afterwards). An output no loss reads gets a zero grad, so its weight's gradient is zeros, not None. Stacking is exact: every N_i is a multiple of 128, so no
 128x128 weight block and no 1x128 dy tile spans two linears; each output column is computed from
 the same operands as alone.
 The forward saves the dgrad operand (W's FP8 blocks transposed, written by the same kernel that
