@@ -94,7 +94,7 @@ def shared_input_linears(x: torch.Tensor, linears: tuple[nn.Module, ...]) -> lis
 
     A linear class may run them as one: ``forward_shared_input(x, linears)`` (a classmethod) returns
     the outputs, or None where it cannot (then each runs alone). FP8 layers use it to quantize x
-    once and run one GEMM per direction over the concatenated weights (``Fp8Linear``); the model
+    once and run one GEMM per direction over the stacked weights (``Fp8Linear``); the model
     itself stays free of precision code."""
     fused = getattr(type(linears[0]), "forward_shared_input", None)
     if fused is not None and all(type(lin) is type(linears[0]) for lin in linears):

@@ -142,15 +142,17 @@ def _check_recipe(wgrad_grad_blocks: str, who: str) -> None:
         raise ValueError(f"{who}: wgrad_grad_blocks={wgrad_grad_blocks!r}, expected one of {list(WGRAD_GRAD_BLOCKS)}")
 
 
-def _fp8_linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], pow2_scales: bool, wgrad_grad_blocks: str):
-    """x [..., K] times the stacked weights -> [M, sum N_i] (M = the flattened leading dims), or
-    (autograd, several weights) its column slices, one per weight."""
+def _fp8_linears(x: torch.Tensor, weights: tuple[torch.Tensor, ...], pow2_scales: bool,
+                 wgrad_grad_blocks: str) -> list[torch.Tensor]:
+    """x [..., K] times the stacked weights: one [M, N_i] output per weight (column slices of one
+    [M, sum N_i] product; M = the flattened leading dims)."""
     x2 = x.reshape(-1, x.shape[-1])
     if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
-        return _Fp8LinearFn.apply(x2, pow2_scales, wgrad_grad_blocks, *weights)
+        y = _Fp8LinearFn.apply(x2, pow2_scales, wgrad_grad_blocks, *weights)
+        return [y] if len(weights) == 1 else list(y)
     qx, sx = quantize_act_1x128(x2, pow2_scales)
     qw, sw = quantized_weights(weights, pow2_scales)
-    return fp8_mm(qx, sx, qw, sw, out_dtype=x.dtype)
+    return list(fp8_mm(qx, sx, qw, sw, out_dtype=x.dtype).split([w.shape[0] for w in weights], dim=1))
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
@@ -159,7 +161,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None 
 
     x [..., K], weight [N, K] with K and N multiples of 128; the bias is added in x's dtype."""
     _check_recipe(wgrad_grad_blocks, "fp8_linear")
-    y = _fp8_linears(x, (weight,), pow2_scales, wgrad_grad_blocks).reshape(*x.shape[:-1], weight.shape[0])
+    y = _fp8_linears(x, (weight,), pow2_scales, wgrad_grad_blocks)[0].reshape(*x.shape[:-1], weight.shape[0])
     return y if bias is None else y + bias.to(y.dtype)
 
 
@@ -175,8 +177,7 @@ def fp8_linear_shared_input(x: torch.Tensor, weights: list[torch.Tensor], biases
         raise ValueError(f"fp8_linear_shared_input: weights {[list(w.shape) for w in weights]} "
                          f"({[str(w.dtype) for w in weights]}) with {len(biases)} biases; need one bias "
                          "(or None) per weight and one in-features size and dtype")
-    y = _fp8_linears(x, tuple(weights), pow2_scales, wgrad_grad_blocks)
-    outs = y.split([w.shape[0] for w in weights], dim=-1) if isinstance(y, torch.Tensor) else y
+    outs = _fp8_linears(x, tuple(weights), pow2_scales, wgrad_grad_blocks)
     return [(o if b is None else o + b.to(o.dtype)).reshape(*x.shape[:-1], -1) for o, b in zip(outs, biases)]
 
 

@@ -62,7 +62,12 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-from miles_lib.precision.triton_fp8 import _expert_tile, _starts_ends, _wgrad_output
+from miles_lib.precision.triton_fp8 import (
+    _expert_tile,
+    _mm_output,
+    _starts_ends,
+    _wgrad_output,
+)
 
 _BM = 128  # rows per tile: two consumer warpgroups of 64
 _BN = 128  # one weight-block column per tile (one sB per slab)
@@ -362,10 +367,8 @@ def grouped_mm(qa, sa, qb, sb, offs_E, out_dtype, stages: int = STAGES, num_prog
                ) -> torch.Tensor:
     """A [M, K] (1x128 scales [M, K/128], any strides) x B [E, N, K] (128x128 scales
     [E, N/128, K/128]) per expert -> [M, N]; N and K multiples of 128."""
-    qa, qb = qa.contiguous(), qb.contiguous()
-    M, K = qa.shape
-    E, N, _ = qb.shape
-    c = torch.empty(M, N, dtype=out_dtype, device=qa.device)
+    qa, qb, c = _mm_output(qa, qb, out_dtype)
+    (M, K), (E, N, _) = qa.shape, qb.shape
     if M == 0:
         return c
     starts, ends = _starts_ends(offs_E)

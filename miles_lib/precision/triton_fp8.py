@@ -440,6 +440,9 @@ def quantize_dual_stacked(xs: list[torch.Tensor], pow2_scales: bool, t_blocks: s
     stacked outputs (q [M, sum K_i], 1x128 scales, q^T [sum K_i, M'] and its 128x1 or 128x128
     scales) by the paired kernel. The stacked output grads of linears that share an input."""
     M, Ks = xs[0].shape[0], [x.shape[1] for x in xs]
+    if any(x.shape[0] != M or K % BLOCK for x, K in zip(xs, Ks)):
+        raise ValueError(f"quantize_dual_stacked: parts {[list(t.shape) for t in xs]}; need one row count and "
+                         "column counts that are multiples of 128")
     Kt, dev = sum(Ks), xs[0].device
     q, s_buf = _alloc_1x128(M, Kt, dev)
     qt, st_buf = _alloc_128x1_t(M, Kt, dev)
@@ -449,9 +452,6 @@ def quantize_dual_stacked(xs: list[torch.Tensor], pow2_scales: bool, t_blocks: s
         st_buf, stp_buf = _scales_128x128([], Kt // BLOCK, Mp // BLOCK, dev)
     off = 0
     for x, K in zip(xs, Ks):
-        if x.shape[0] != M or K % BLOCK:
-            raise ValueError(f"quantize_dual_stacked: parts {[list(t.shape) for t in xs]}; need one row count and "
-                             "column counts that are multiples of 128")
         blk = slice(off // BLOCK, (off + K) // BLOCK)
         outs = ((q[:, off:off + K], s_buf[blk], qt[off:off + K], st_buf[blk], stp_buf[blk]) if t_2d else
                 (q[:, off:off + K], s_buf[blk], qt[off:off + K], st_buf[:, off:off + K], st_buf[:, off:off + K]))
@@ -639,12 +639,16 @@ def _starts_ends(offs_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return starts, ends
 
 
+def _mm_output(qa, qb, out_dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(a, b contiguous, the uninitialised y [M, N]) for a grouped fprop / dgrad kernel."""
+    qa, qb = qa.contiguous(), qb.contiguous()
+    return qa, qb, torch.empty(qa.shape[0], qb.shape[1], dtype=out_dtype, device=qa.device)
+
+
 def grouped_mm(qa, sa, qb, sb, offs_E, out_dtype) -> torch.Tensor:
     """A [M, K] (1x128 scales [M, K/128], any strides) x B [E, N, K] (scales [E, N/128, K/128])."""
-    qa, qb = qa.contiguous(), qb.contiguous()
-    M, K = qa.shape
-    E, N, _ = qb.shape
-    c = torch.empty(M, N, dtype=out_dtype, device=qa.device)
+    qa, qb, c = _mm_output(qa, qb, out_dtype)
+    (M, K), (E, N, _) = qa.shape, qb.shape
     if M == 0:
         return c
     starts, ends = _starts_ends(offs_E)
