@@ -7,15 +7,18 @@ Per expert shape (E experts x T tokens each, hidden K -> ffn N; uneven expert si
 bench/fp8_gemm.py) and per GEMM of the expert linear -- fprop y = x W_e^T, dgrad dx = dy W_e,
 wgrad dW_e = dy_e^T x_e -- the time (triton.testing.do_bench: median ms, L2 flushed) and TFLOP/s of
   * bf16 ``torch._grouped_mm`` (the peer),
-  * the shipped kernel (``triton_fp8.grouped_mm`` / ``grouped_wgrad``, autotuned),
+  * with one expert (E = 1), fprop / dgrad also cuBLAS's dense block-scaled GEMM (``fp8_mm``),
+  * the shipped path (``fp8_gemm.grouped_fp8_mm`` / ``grouped_fp8_wgrad``: the Gluon kernels on sm90),
   * every launch config of each candidate kernel:
       ptr       fprop / dgrad: the shipped kernel (pointer loads), config forced
       tma       fprop / dgrad: A and B tiles through TMA tensor descriptors (no per-row address
                 math, no masks: rows past an expert are loaded and their outputs not stored);
-      gluon     fprop / dgrad: ``gluon_fp8.grouped_mm`` (sm90 only: warp-specialized, persistent,
-                TMA producer warp + two consumer warpgroups), config = ring depth;
-                wgrad: the shipped TMA kernel with PEEL off (every slab masked)
-      tma_peel  wgrad: the shipped kernel with PEEL on (only the, at most two, 128-token slabs
+      gluon     ``gluon_fp8.grouped_mm`` / ``grouped_wgrad`` (sm90 only: warp-specialized,
+                persistent, TMA producer warp + two consumer warpgroups), config = ring depth;
+      gluon_split  fprop / dgrad: the same with each slab's product in two column halves, one
+                in flight while the other is promoted (``split=True``)
+      tma       wgrad: the Triton TMA kernel with PEEL off (every slab masked)
+      tma_peel  wgrad: the Triton kernel with PEEL on (only the, at most two, 128-token slabs
                 that straddle an expert boundary are masked)
 each checked against the dequantized fp32 reference with an fp32 output (``rel_err`` < 1e-3, or
 the config is not ranked) and timed with a bf16 output. ``best``: the fastest correct config per
@@ -92,9 +95,9 @@ def gmm(variant: str, qa, sa, qb, sb, offs, cfg, out_dtype=torch.bfloat16):
     starts, ends = triton_fp8._starts_ends(offs)
     grid = (triton.cdiv(M, BM) + E, triton.cdiv(N, BN))
     common = (N, K, E, sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), sb.stride(2))
-    if variant == "gluon":
+    if variant.startswith("gluon"):
         from miles_lib.precision import gluon_fp8
-        return gluon_fp8.grouped_mm(qa, sa, qb, sb, offs, out_dtype, stages=stages)
+        return gluon_fp8.grouped_mm(qa, sa, qb, sb, offs, out_dtype, stages=stages, split=variant == "gluon_split")
     if variant == "ptr":
         triton_fp8._grouped_mm_kernel.fn[grid](qa, sa, qb, sb, c, starts, ends, *common,
                                                E_P2=triton.next_power_of_2(E), BM=BM, BN=BN,
@@ -109,9 +112,12 @@ def gmm(variant: str, qa, sa, qb, sb, offs, cfg, out_dtype=torch.bfloat16):
 
 
 def gwg(variant: str, qa_t, sa_t, qb_t, sb_t, offs, cfg, out_dtype=torch.bfloat16):
-    """Grouped wgrad (the shipped TMA kernel, PEEL on for "tma_peel"), a_t [N, M'] and b_t [K, M']
-    128x1 (along tokens) -> [E, N, K], one forced launch config."""
+    """Grouped wgrad (the Triton TMA kernel, PEEL on for "tma_peel"; the Gluon kernel for "gluon*"),
+    a_t [N, M'] and b_t [K, M'] 128x1 (along tokens) -> [E, N, K], one forced launch config."""
     BN, BK, warps, stages = cfg
+    if variant.startswith("gluon"):
+        from miles_lib.precision import gluon_fp8
+        return gluon_fp8.grouped_wgrad(qa_t, sa_t, qb_t, sb_t, offs, out_dtype, stages=stages)
     qa_t, qb_t = qa_t.contiguous(), qb_t.contiguous()
     N = qa_t.shape[0]
     K = qb_t.shape[0]
@@ -162,10 +168,10 @@ def check() -> dict:
         offs = ops["offs"]
         for gemm in ("fprop", "dgrad"):
             ref = fp8_gemm.grouped_fp8_mm_reference(*ops[gemm], offs)
-            for v in ("ptr", "tma") + (("gluon",) if fp8_gemm.gluon_available() else ()):
+            for v in ("ptr", "tma") + (("gluon", "gluon_split") if fp8_gemm.gluon_available() else ()):
                 out[f"{shape}/{gemm}/{v}"] = rel(gmm(v, *ops[gemm], offs, (64, 128, 4, 3), torch.float32), ref)
         ref = fp8_gemm.grouped_fp8_wgrad_reference(*ops["wgrad"], offs)
-        for v in ("tma", "tma_peel"):
+        for v in ("tma", "tma_peel") + (("gluon",) if fp8_gemm.gluon_available() else ()):
             out[f"{shape}/wgrad/{v}"] = rel(gwg(v, *ops["wgrad"], offs, (128, 128, 4, 3), torch.float32), ref)
     return out
 
@@ -188,16 +194,21 @@ def bench_shape(E, T, K, N, quick: bool, gemms=("fprop", "dgrad", "wgrad"), only
         row = {}
         ref = (fp8_gemm.grouped_fp8_wgrad_reference if gemm == "wgrad" else fp8_gemm.grouped_fp8_mm_reference)(
             *ops[gemm], offs)
-        for name, fn in (("bf16_grouped_mm", bf16[gemm]), ("shipped", shipped[gemm])):
+        peers = [("bf16_grouped_mm", bf16[gemm]), ("shipped", shipped[gemm])]
+        if E == 1 and gemm != "wgrad":  # one expert: also cuBLAS's dense block-scaled GEMM
+            qa, sa, qb, sb = ops[gemm]
+            peers.append(("cublas_dense", lambda qa=qa, sa=sa, qb=qb[0], sb=sb[0]: fp8_gemm.fp8_mm(
+                qa, sa, qb, sb, torch.bfloat16)))
+        for name, fn in peers:
             try:
                 t = ms(fn)
                 row[name] = {"ms": round(t, 4), "tflops": round(flops / t / 1e9, 1)}
             except Exception as e:  # noqa: BLE001
                 row[name] = {"error": repr(e)[:300]}
-        variants = ("tma", "tma_peel") if gemm == "wgrad" else ("ptr", "tma", "gluon")
+        variants = ("tma", "tma_peel", "gluon") if gemm == "wgrad" else ("ptr", "tma", "gluon", "gluon_split")
         variants = [v for v in variants if v in only_variants] if only_variants else variants
         for v in variants:
-            configs = WG_CONFIGS if gemm == "wgrad" else GL_CONFIGS if v == "gluon" else MM_CONFIGS
+            configs = GL_CONFIGS if v.startswith("gluon") else WG_CONFIGS if gemm == "wgrad" else MM_CONFIGS
             runs = []
             for cfg in configs[:3] if quick else configs:
                 fn = gwg if gemm == "wgrad" else gmm

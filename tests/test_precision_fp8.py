@@ -456,7 +456,8 @@ def test_gpu_cublas_gemms_match_reference():
 @pytest.mark.parametrize("counts,K,N", [([100, 0, 150, 50], 512, 256),  # an empty expert
                                         ([1, 63, 0, 200, 129, 64], 128, 384),  # one K slab, odd sizes
                                         ([5], 256, 128),  # fewer rows than one warpgroup's 64
-                                        ([0, 0, 700], 384, 256)])  # experts 0, 1 empty
+                                        ([0, 0, 700], 384, 256),  # experts 0, 1 empty
+                                        ([300, 200], 1920, 256)])  # 15 K slabs: unrolled chunks of 8, 4, 2, 1
 def test_gpu_gluon_grouped_mm_matches_reference(counts, K, N):
     """The sm90 Gluon grouped kernel (fprop / dgrad) against the dequantized per-expert reference,
     fp32 and bf16 output; every row of every expert is written (the output block is freed NaNs
@@ -478,6 +479,10 @@ def test_gpu_gluon_grouped_mm_matches_reference(counts, K, N):
         assert rel(out, ref) < GPU_BOUND, stages
     assert rel(gluon_fp8.grouped_mm(qx, sx, qw, sw, offs.cuda(), torch.bfloat16), ref) < 5e-3
     assert rel(gluon_fp8.grouped_mm(qx, sx, qw, sw, offs.cuda(), torch.float32, num_programs=3), ref) < GPU_BOUND
+    for split in (False, True):  # each slab's product in two column halves, or whole
+        for stages, nprog, dtype, bound in ((2, 3, torch.float32, GPU_BOUND), (gluon_fp8.STAGES, None, torch.bfloat16, 5e-3)):
+            out = gluon_fp8.grouped_mm(qx, sx, qw, sw, offs.cuda(), dtype, stages=stages, num_programs=nprog, split=split)
+            assert rel(out, ref) < bound, (split, stages, dtype)
 
 
 @pytest.mark.gpu

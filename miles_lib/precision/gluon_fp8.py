@@ -18,8 +18,17 @@ Design note.
         shared-memory ring with TMA (``ready[s]``: the bytes landed);
       - two consumer warpgroups, 64 rows of the 128-row tile each, issue the slab's wgmma
         (m64 n128 k32 x 4), wait for it, release the stage (``empty[s]``, two arrivals) and
-        promote: acc += P * sA[rows] * sB. The two warpgroups synchronise only through the ring,
-        so one's promotion runs while the other's wgmma occupies the tensor cores;
+        promote: acc += P * sA[rows] * sB;
+      - split products (``SPLIT``, the default for fprop / dgrad): each slab's product is two
+        column halves (m64 n64, own commit groups), so a warpgroup always has one half in flight
+        while it promotes the other (wait(1), not wait(0)). Both warpgroups wait on the same ring
+        slot, so without this they drift into lockstep and promote while the tensor cores idle.
+        The slabs go in unrolled chunks of 8 (then 4, 2, 1): in a run-time loop whose back-edge
+        carries in-flight wgmmas ptxas serializes every wgmma (advisory C7514), and each
+        promotion is pinned before the next wgmma into its product's registers (else LLVM sinks
+        it, the product needs two register sets and the copy of in-flight registers serializes
+        them too). Halves cost A's shared-memory reads twice; measured faster at every expert
+        shape but the smallest;
       - persistent: one CTA per SM walks the (row tile, column tile) list; the producer runs
         ahead into the next tile while the consumers store the previous one.
   * Row tiles: each expert's rows are cut into 128-row tiles; a tiny Triton kernel writes the
@@ -36,12 +45,12 @@ Design note.
     consumer's own shared-memory copy of A before the wgmma; an expert without tokens stores zeros.
     The output blocks never cross experts, so all of them leave through TMA.
   * Measured (H200, bench/results/README.md "Grouped experts on the Gluon kernels"): fprop / dgrad
-    550-720 TFLOP/s, the wgrad 340-580, vs 170-510 for the Triton kernels and 430-550 for bf16
-    ``torch._grouped_mm``; the mm kernel without the promotion (wrong numbers, a bound) reaches
-    880-1130 at the larger expert shapes, so there the promotion is still 25-46% of the time.
-    Tried and dropped: a second product register set so that slab k + 1's wgmma overlaps slab
-    k's promotion within a warpgroup (ptxas serializes the wgmmas: C7514 / C7515, and spills),
-    256-wide tiles (two 128-column products; spills, slower for dgrad).
+    with split products 650-820 TFLOP/s at the expert shapes (550-720 whole), 960-1070 with one
+    expert of 32768 rows (cuBLAS's dense block-scaled GEMM: 1080-1250); the wgrad 300-580, vs
+    430-580 for bf16 ``torch._grouped_mm``. Tried and dropped: a second whole-width product
+    register set (spills; C7515), 256-wide tiles (two 128-column products; spills, slower for
+    dgrad), the two warpgroups issuing their wgmmas strictly in turn through a pair of mbarriers
+    (no faster: the tensor cores do not run one warpgroup's queued wgmmas before the other's).
 """
 
 from __future__ import annotations
@@ -112,6 +121,19 @@ def _store_rows(c_ptr, acc, row0, row_end, col0, N):
 
 
 @gluon.jit
+def _store_block(c_desc, c_bufs, c_ptr, acc, buf, r0, col0, row_end, M, N):
+    """acc [64, C] into c[r0 : r0 + 64, col0 : col0 + C]: by an asynchronous TMA store from
+    c_bufs[buf] when every row is this expert's (or past M, where TMA clips), else masked."""
+    if (r0 + 64 <= row_end) | (row_end == M):
+        tma.store_wait(0)  # this warpgroup's previous stores have left their buffers
+        c_bufs.index(buf).store(acc.to(c_desc.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(c_desc, [r0, col0], c_bufs.index(buf))
+    else:  # the expert's last tile: rows past row_end belong to the next expert
+        _store_rows(c_ptr, acc, r0, row_end, col0, N)
+
+
+@gluon.jit
 def _issue(a_bufs, b_bufs, ready, p, it, WG: gl.constexpr):
     """Wait for ring slot it's data, start its wgmma into p's registers (use_acc=False: p's values
     are not read) and return the in-flight product."""
@@ -167,16 +189,7 @@ def _consumer(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_pt
                 p, acc = _retire(p, acc, sc, empty, it)
                 sc = sc_nxt
                 it += 1
-            r0 = row0 + WG * 64
-            if (r0 + 64 <= row_end) | (row_end == M):
-                # every row is this expert's (or past M, where TMA clips): an asynchronous bulk
-                # store that overlaps the next tile's MMAs
-                tma.store_wait(0)  # this warpgroup's previous store has left its buffer
-                c_bufs.index(WG).store(acc.to(c_desc.dtype))
-                fence_async_shared()
-                tma.async_copy_shared_to_global(c_desc, [r0, j * BN], c_bufs.index(WG))
-            else:  # the expert's last tile: rows past row_end belong to the next expert
-                _store_rows(c_ptr, acc, r0, row_end, j * BN, N)
+            _store_block(c_desc, c_bufs, c_ptr, acc, WG, row0 + WG * 64, j * BN, row_end, M, N)
     tma.store_wait(0)
 
 
@@ -196,6 +209,120 @@ def _consumer1(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_p
 
 
 @gluon.jit
+def _retire_half(p, acc, sc, pending: gl.constexpr):
+    """Wait until at most ``pending`` wgmma groups are in flight (p's is then done) and promote:
+    acc + p * sc. The promotion goes through an already satisfied wait on its result, which pins
+    it before the next wgmma into p's registers: sunk below that issue, p's old and new values
+    would need two register sets and a copy of in-flight registers (ptxas would then serialize
+    every wgmma, its C7514 advisory)."""
+    p = warpgroup_mma_wait(num_outstanding=pending, deps=(p,))
+    return p, warpgroup_mma_wait(num_outstanding=pending, deps=(acc + p * sc,))
+
+
+@gluon.jit
+def _issue_half(a_bufs, b_bufs, p, s, WG: gl.constexpr, HALF: gl.constexpr):
+    """Start the wgmma of slot s's column half HALF into p (its own commit group)."""
+    H: gl.constexpr = b_bufs.shape[1] // 2
+    return warpgroup_mma(a_bufs.index(2 * s + WG), b_bufs.index(s).slice(HALF * H, H).permute((1, 0)), p,
+                         use_acc=False, is_async=True)
+
+
+@gluon.jit
+def _split_slabs(a_bufs, b_bufs, ready, empty, p0, p1, acc0, acc1, sc, sa_ptrs, rmask, sb_ptr_e, kb0, KB,
+                 stride_sa_k, stride_sb_k, it, WG: gl.constexpr, COUNT: gl.constexpr):
+    """COUNT slabs (kb0, kb0 + 1, ...; ring positions it, it + 1, ...) with each product in two
+    column halves, so that one half's wgmma is in flight while the other half is promoted:
+        issue lo, hi of slab 0; [wait lo; promote; issue lo of the next slab; wait hi; release
+        the slot; promote; issue hi of the next slab] x (COUNT - 1); drain
+    Unrolled (COUNT is a constexpr): in a run-time loop whose back-edge carries in-flight wgmmas,
+    ptxas cannot tell which group a wait retires and serializes them all (C7514). sc: slab kb0's
+    scales; returns the next slab's (loaded a slab ahead, zeros past the last) with the results."""
+    STAGES: gl.constexpr = b_bufs.shape[0]
+    s = it % STAGES
+    mbarrier.wait(ready.index(s), (it // STAGES) & 1)
+    p0 = _issue_half(a_bufs, b_bufs, p0, s, WG, 0)
+    p1 = _issue_half(a_bufs, b_bufs, p1, s, WG, 1)
+    for c in gl.static_range(COUNT - 1):
+        sc_nxt = _slab_scale(sa_ptrs, rmask, sb_ptr_e, kb0 + c + 1, KB, stride_sa_k, stride_sb_k)
+        s1 = (it + c + 1) % STAGES
+        p0, acc0 = _retire_half(p0, acc0, sc, 1)  # lo of slab c done (its hi may still run)
+        mbarrier.wait(ready.index(s1), ((it + c + 1) // STAGES) & 1)
+        p0 = _issue_half(a_bufs, b_bufs, p0, s1, WG, 0)
+        p1, acc1 = _retire_half(p1, acc1, sc, 1)  # hi of slab c done (lo of c + 1 may run)
+        mbarrier.arrive(empty.index((it + c) % STAGES), count=1)
+        p1 = _issue_half(a_bufs, b_bufs, p1, s1, WG, 1)
+        sc = sc_nxt
+    sc_nxt = _slab_scale(sa_ptrs, rmask, sb_ptr_e, kb0 + COUNT, KB, stride_sa_k, stride_sb_k)
+    p0, acc0 = _retire_half(p0, acc0, sc, 1)
+    p1, acc1 = _retire_half(p1, acc1, sc, 0)
+    mbarrier.arrive(empty.index((it + COUNT - 1) % STAGES), count=1)
+    return p0, p1, acc0, acc1, sc_nxt
+
+
+_CHUNK = gl.constexpr(8)  # slabs per unrolled chunk of the split consumer (one drain per chunk)
+
+
+@gluon.jit
+def _consumer_split(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT, M,
+                    N, KB, stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k, WG: gl.constexpr):
+    """``_consumer`` with each slab's product in two column halves (``_split_slabs``): the K slabs
+    go in unrolled chunks of _CHUNK, the remainder in chunks of 4, 2 and 1; registers: two
+    [64, BN/2] products and two [64, BN/2] accumulators."""
+    BN: gl.constexpr = b_bufs.shape[1]
+    H: gl.constexpr = BN // 2
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, H, 32])
+    p0 = gl.zeros([64, H], gl.float32, mma)
+    p1 = gl.zeros([64, H], gl.float32, mma)
+    it = 0
+    for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        t = tile // NT
+        j = tile - t * NT
+        e = gl.load(tile_ptr + 3 * t)
+        row0 = gl.load(tile_ptr + 3 * t + 1)
+        row_end = gl.load(tile_ptr + 3 * t + 2)
+        if e >= 0:
+            rows = row0 + WG * 64 + gl.arange(0, 64, gl.SliceLayout(1, mma))
+            rmask = rows < row_end
+            sa_ptrs = sa_ptr + rows * stride_sa_m
+            sb_ptr_e = sb_ptr + e * stride_sb_e + j * stride_sb_n
+            acc0 = gl.zeros([64, H], gl.float32, mma)
+            acc1 = gl.zeros([64, H], gl.float32, mma)
+            sc = _slab_scale(sa_ptrs, rmask, sb_ptr_e, 0, KB, stride_sa_k, stride_sb_k)
+            for ch in range(KB // _CHUNK):
+                p0, p1, acc0, acc1, sc = _split_slabs(a_bufs, b_bufs, ready, empty, p0, p1, acc0, acc1, sc, sa_ptrs,
+                                                      rmask, sb_ptr_e, ch * _CHUNK, KB, stride_sa_k, stride_sb_k, it,
+                                                      WG, _CHUNK)
+                it += _CHUNK
+            # the remainder as chunks of 4, 2, 1 (each unrolled; nothing in flight between them)
+            kb = KB - KB % _CHUNK
+            for size in gl.static_range(2, -1, -1):
+                if (KB - kb) >= (1 << size):
+                    p0, p1, acc0, acc1, sc = _split_slabs(a_bufs, b_bufs, ready, empty, p0, p1, acc0, acc1, sc,
+                                                          sa_ptrs, rmask, sb_ptr_e, kb, KB, stride_sa_k, stride_sb_k,
+                                                          it, WG, 1 << size)
+                    it += 1 << size
+                    kb += 1 << size
+            r0 = row0 + WG * 64
+            _store_block(c_desc, c_bufs, c_ptr, acc0, 2 * WG, r0, j * BN, row_end, M, N)
+            _store_block(c_desc, c_bufs, c_ptr, acc1, 2 * WG + 1, r0, j * BN + H, row_end, M, N)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _consumer_split0(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT,
+                     M, N, KB, stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k):
+    _consumer_split(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT, M,
+                    N, KB, stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k, 0)
+
+
+@gluon.jit
+def _consumer_split1(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT,
+                     M, N, KB, stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k):
+    _consumer_split(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT, M,
+                    N, KB, stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k, 1)
+
+
+@gluon.jit
 def _ring(a_desc, b_desc, c_desc, STAGES: gl.constexpr, BN: gl.constexpr):
     """Shared memory of both kernels: STAGES ring slots (A as two 64-row halves, B [BN, 128]),
     their ready / empty barriers (empty: one arrival per consumer warpgroup) and one output block
@@ -204,7 +331,8 @@ def _ring(a_desc, b_desc, c_desc, STAGES: gl.constexpr, BN: gl.constexpr):
     b_bufs = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BN, 128], b_desc.layout)
     ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
     empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2, 64, BN], c_desc.layout)
+    CB: gl.constexpr = c_desc.block_type.shape[1]  # output block width: BN, or BN / 2 (split)
+    c_bufs = gl.allocate_shared_memory(c_desc.dtype, [2 * (BN // CB), 64, CB], c_desc.layout)
     for i in gl.static_range(STAGES):
         mbarrier.init(ready.index(i), count=1)
         mbarrier.init(empty.index(i), count=2)
@@ -214,14 +342,14 @@ def _ring(a_desc, b_desc, c_desc, STAGES: gl.constexpr, BN: gl.constexpr):
 @gluon.jit
 def _grouped_mm_kernel(a_desc, b_desc, c_desc, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT, M, N, KB,
                        stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k,
-                       STAGES: gl.constexpr, BN: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                       STAGES: gl.constexpr, BN: gl.constexpr, SPLIT: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                        PRODUCER_REGS: gl.constexpr):
     a_bufs, b_bufs, ready, empty, c_bufs = _ring(a_desc, b_desc, c_desc, STAGES, BN)
     cargs = (a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT, M, N, KB,
              stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k)
     gl.warp_specialize([
-        (_consumer0, cargs),
-        (_consumer1, cargs),
+        (_consumer_split0 if SPLIT else _consumer0, cargs),
+        (_consumer_split1 if SPLIT else _consumer1, cargs),
         (_producer, (a_desc, b_desc, a_bufs, b_bufs, ready, empty, tile_ptr, num_tiles, NT, N, KB)),
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -338,6 +466,7 @@ def _tile_table_kernel(starts_ptr, ends_ptr, out_ptr, E, E_P2: tl.constexpr, BM:
 
 
 STAGES = 5  # ring slots of 32 KB (A 2 x [64, 128] + B [128, 128] e4m3); three with an fp32 output
+SPLIT = True  # fprop / dgrad products in two column halves (``_consumer_split``)
 _REGS = (232, 40)  # per-thread registers: consumer warpgroup, producer warp (setmaxnreg)
 
 
@@ -363,12 +492,13 @@ def _launch_params(c: torch.Tensor, stages: int, num_tiles: int, num_programs: i
     return stages, min(num_programs or _num_sms(c.device.index or 0), num_tiles)
 
 
-def grouped_mm(qa, sa, qb, sb, offs_E, out_dtype, stages: int = STAGES, num_programs: int | None = None
-               ) -> torch.Tensor:
+def grouped_mm(qa, sa, qb, sb, offs_E, out_dtype, stages: int = STAGES, num_programs: int | None = None,
+               split: bool | None = None) -> torch.Tensor:
     """A [M, K] (1x128 scales [M, K/128], any strides) x B [E, N, K] (128x128 scales
     [E, N/128, K/128]) per expert -> [M, N]; N and K multiples of 128."""
     qa, qb, c = _mm_output(qa, qb, out_dtype)
     (M, K), (E, N, _) = qa.shape, qb.shape
+    split = SPLIT if split is None else split
     if M == 0:
         return c
     starts, ends = _starts_ends(offs_E)
@@ -378,10 +508,11 @@ def grouped_mm(qa, sa, qb, sb, offs_E, out_dtype, stages: int = STAGES, num_prog
     NT = N // _BN
     num_tiles = T * NT
     stages, nprog = _launch_params(c, stages, num_tiles, num_programs)
-    _grouped_mm_kernel[(nprog,)](_desc(qa, [64, 128]), _desc(qb.view(E * N, K), [_BN, 128]), _desc(c, [64, _BN]), c,
+    _grouped_mm_kernel[(nprog,)](_desc(qa, [64, 128]), _desc(qb.view(E * N, K), [_BN, 128]),
+                                 _desc(c, [64, _BN // 2 if split else _BN]), c,
                                  sa, sb, table, num_tiles, NT, M, N, K // 128,
                                  sa.stride(0), sa.stride(1), sb.stride(0), sb.stride(1), sb.stride(2),
-                                 STAGES=stages, BN=_BN, CONSUMER_REGS=_REGS[0], PRODUCER_REGS=_REGS[1],
+                                 STAGES=stages, BN=_BN, SPLIT=split, CONSUMER_REGS=_REGS[0], PRODUCER_REGS=_REGS[1],
                                  num_warps=4)
     return c
 
