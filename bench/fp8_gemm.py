@@ -11,9 +11,10 @@ Prints ONE JSON object:
              gradients' relative error vs fp32 per recipe; forward alone; breakdown of the FP8
              step (one GEMM, one 1x128 / 128x1 activation quantization).
   grouped[]: the MoE expert projection (E experts x tokens each, hidden -> ffn), forward+backward
-             and forward, bf16 ``torch._grouped_mm`` (autograd) vs ``fp8_grouped_linear`` (Triton
-             grouped block-scaled kernels on CUDA; fp32 and power-of-two scales); eager rounds and,
-             on CUDA, the CUDA-graph GPU time as for linear[].
+             and forward, bf16 ``torch._grouped_mm`` (autograd) vs ``fp8_grouped_linear`` (the
+             grouped block-scaled kernels: Gluon on sm90, else Triton; fp32 and power-of-two
+             scales); eager rounds and, on CUDA, the CUDA-graph GPU time as for linear[]; the
+             breakdown times each grouped GEMM on the operands the linear uses.
   shared[]:  linears that read one input (q/k/v with GQA, dense gate/up): bf16 one linear each and
              on a pre-stacked weight, FP8 one linear each and as one stacked linear
              (``fp8_linear_shared_input``, what the model runs); CUDA-graph GPU time, speedups vs
@@ -331,11 +332,13 @@ def bench_grouped(E, T, K, N, dev, iters):
         qx, sx = fp8.quantize_act_1x128(xd)
         qw, sw = fp8.quantize_weight_128x128(wd)
         t_gemm = timeit(lambda: fp8_gemm.grouped_fp8_mm(qx, sx, qw, sw, offs, torch.bfloat16), dev, iters)
-        (qdy, sdy), (qdyt, sdyt) = fp8.quantize_act_dual(dy)
-        qxt, sxt = fp8.quantize_act_128x1_t(xd)
+        # the operands fp8_grouped_linear's backward uses: the wgrad's expert-aligned
+        (qdy, sdy), (qdyt, sdyt) = fp8.quantize_act_dual_grouped(dy, offs)
+        _, (qxt, sxt) = fp8.quantize_act_dual_grouped(xd, offs)
+        offs_a = fp8.aligned_expert_offsets(offs)
         qwt, swt = qw.transpose(1, 2).contiguous(), sw.transpose(1, 2).contiguous()
         t_dgrad = timeit(lambda: fp8_gemm.grouped_fp8_mm(qdy, sdy, qwt, swt, offs, torch.bfloat16), dev, iters)
-        t_wgrad = timeit(lambda: fp8_gemm.grouped_fp8_wgrad(qdyt, sdyt, qxt, sxt, offs, torch.bfloat16), dev, iters)
+        t_wgrad = timeit(lambda: fp8_gemm.grouped_fp8_wgrad(qdyt, sdyt, qxt, sxt, offs_a, torch.bfloat16), dev, iters)
         err = rel(fp8_grouped_linear(xd, wd, offs), bf16_grouped(xd.float(), wd.float(), offs)
                   if dev == "cpu" else bf16_grouped(xd, wd, offs))
         gemm_err = rel(fp8_gemm.grouped_fp8_mm(qx, sx, qw, sw, offs),

@@ -17,6 +17,9 @@ wgrad dW_e = dy_e^T x_e -- the time (triton.testing.do_bench: median ms, L2 flus
                 persistent, TMA producer warp + two consumer warpgroups), config = ring depth;
       gluon_split  fprop / dgrad: the same with each slab's product in two column halves, one
                 in flight while the other is promoted (``split=True``)
+  "wgrad_aligned" (a fourth GEMM name): the wgrad on the expert-aligned operands of
+  ``fp8.quantize_act_dual_grouped`` (every expert at a 128-aligned token column, no slab shared by
+  two experts, so nothing is masked), what ``fp8_grouped_linear`` runs: tma_peel (Triton), gluon
       tma       wgrad: the Triton TMA kernel with PEEL off (every slab masked)
       tma_peel  wgrad: the Triton kernel with PEEL on (only the, at most two, 128-token slabs
                 that straddle an expert boundary are masked)
@@ -115,7 +118,7 @@ def gwg(variant: str, qa_t, sa_t, qb_t, sb_t, offs, cfg, out_dtype=torch.bfloat1
     """Grouped wgrad (the Triton TMA kernel, PEEL on for "tma_peel"; the Gluon kernel for "gluon*"),
     a_t [N, M'] and b_t [K, M'] 128x1 (along tokens) -> [E, N, K], one forced launch config."""
     BN, BK, warps, stages = cfg
-    if variant.startswith("gluon"):
+    if variant == "gluon":
         from miles_lib.precision import gluon_fp8
         return gluon_fp8.grouped_wgrad(qa_t, sa_t, qb_t, sb_t, offs, out_dtype, stages=stages)
     qa_t, qb_t = qa_t.contiguous(), qb_t.contiguous()
@@ -151,8 +154,11 @@ def operands(E, T, K, N, device):
     (qw, sw), (qwt, swt) = fp8.quantize_weight_128x128(w, with_transpose=True)
     (qdy, sdy), (qdyt, sdyt) = fp8.quantize_act_dual(dy)
     qxt, sxt = fp8.quantize_act_128x1_t(x)
+    _, (qdyt_a, sdyt_a) = fp8.quantize_act_dual_grouped(dy, offs)
+    _, (qxt_a, sxt_a) = fp8.quantize_act_dual_grouped(x, offs)
     return dict(offs=offs, x=x, w=w, dy=dy, fprop=(qx, sx, qw, sw), dgrad=(qdy, sdy, qwt, swt),
-                wgrad=(qdyt, sdyt, qxt, sxt))
+                wgrad=(qdyt, sdyt, qxt, sxt), wgrad_aligned=(qdyt_a, sdyt_a, qxt_a, sxt_a),
+                offs_aligned=fp8.aligned_expert_offsets(offs))
 
 
 def rel(a, b) -> float:
@@ -173,6 +179,10 @@ def check() -> dict:
         ref = fp8_gemm.grouped_fp8_wgrad_reference(*ops["wgrad"], offs)
         for v in ("tma", "tma_peel") + (("gluon",) if fp8_gemm.gluon_available() else ()):
             out[f"{shape}/wgrad/{v}"] = rel(gwg(v, *ops["wgrad"], offs, (128, 128, 4, 3), torch.float32), ref)
+        ref = fp8_gemm.grouped_fp8_wgrad_reference(*ops["wgrad_aligned"], ops["offs_aligned"])
+        for v in ("tma_peel",) + (("gluon",) if fp8_gemm.gluon_available() else ()):
+            out[f"{shape}/wgrad_aligned/{v}"] = rel(gwg(v, *ops["wgrad_aligned"], ops["offs_aligned"],
+                                                        (128, 128, 4, 3), torch.float32), ref)
     return out
 
 
@@ -184,16 +194,21 @@ def bench_shape(E, T, K, N, quick: bool, gemms=("fprop", "dgrad", "wgrad"), only
     flops = 2 * M * N * K
     ms = lambda fn: do_bench(fn, warmup=10, rep=40)  # noqa: E731
     res = {"experts": E, "tokens": M, "hidden": K, "ffn": N}
+    offs_a = ops["offs_aligned"]
     bf16 = {"fprop": lambda: torch._grouped_mm(x, w.transpose(-2, -1), offs=offs),
             "dgrad": lambda: torch._grouped_mm(dy, w, offs=offs),
             "wgrad": lambda: torch._grouped_mm(dy.t(), x, offs=offs)}
+    bf16["wgrad_aligned"] = bf16["wgrad"]
     shipped = {"fprop": lambda: fp8_gemm.grouped_fp8_mm(*ops["fprop"], offs, torch.bfloat16),
                "dgrad": lambda: fp8_gemm.grouped_fp8_mm(*ops["dgrad"], offs, torch.bfloat16),
-               "wgrad": lambda: fp8_gemm.grouped_fp8_wgrad(*ops["wgrad"], offs, torch.bfloat16)}
+               "wgrad": lambda: fp8_gemm.grouped_fp8_wgrad(*ops["wgrad"], offs, torch.bfloat16),
+               "wgrad_aligned": lambda: fp8_gemm.grouped_fp8_wgrad(*ops["wgrad_aligned"], offs_a, torch.bfloat16)}
     for gemm in gemms:
         row = {}
-        ref = (fp8_gemm.grouped_fp8_wgrad_reference if gemm == "wgrad" else fp8_gemm.grouped_fp8_mm_reference)(
-            *ops[gemm], offs)
+        wgrad = gemm.startswith("wgrad")
+        g_offs = offs_a if gemm == "wgrad_aligned" else offs
+        ref = (fp8_gemm.grouped_fp8_wgrad_reference if wgrad else fp8_gemm.grouped_fp8_mm_reference)(
+            *ops[gemm], g_offs)
         peers = [("bf16_grouped_mm", bf16[gemm]), ("shipped", shipped[gemm])]
         if E == 1 and gemm != "wgrad":  # one expert: also cuBLAS's dense block-scaled GEMM
             qa, sa, qb, sb = ops[gemm]
@@ -205,16 +220,18 @@ def bench_shape(E, T, K, N, quick: bool, gemms=("fprop", "dgrad", "wgrad"), only
                 row[name] = {"ms": round(t, 4), "tflops": round(flops / t / 1e9, 1)}
             except Exception as e:  # noqa: BLE001
                 row[name] = {"error": repr(e)[:300]}
-        variants = ("tma", "tma_peel", "gluon") if gemm == "wgrad" else ("ptr", "tma", "gluon", "gluon_split")
+        variants = {"wgrad": ("tma", "tma_peel", "gluon"),
+                    "wgrad_aligned": ("tma_peel", "gluon")}.get(
+            gemm, ("ptr", "tma", "gluon", "gluon_split"))
         variants = [v for v in variants if v in only_variants] if only_variants else variants
         for v in variants:
-            configs = GL_CONFIGS if v.startswith("gluon") else WG_CONFIGS if gemm == "wgrad" else MM_CONFIGS
+            configs = GL_CONFIGS if v.startswith("gluon") else WG_CONFIGS if wgrad else MM_CONFIGS
             runs = []
             for cfg in configs[:3] if quick else configs:
-                fn = gwg if gemm == "wgrad" else gmm
-                call = lambda v=v, cfg=cfg, fn=fn: fn(v, *ops[gemm], offs, cfg)  # noqa: E731
+                fn = gwg if wgrad else gmm
+                call = lambda v=v, cfg=cfg, fn=fn, gemm=gemm, g_offs=g_offs: fn(v, *ops[gemm], g_offs, cfg)  # noqa: E731
                 try:
-                    err = rel(fn(v, *ops[gemm], offs, cfg, torch.float32), ref)
+                    err = rel(fn(v, *ops[gemm], g_offs, cfg, torch.float32), ref)
                     t = ms(call)
                     runs.append({"config": list(cfg), "ms": round(t, 4), "tflops": round(flops / t / 1e9, 1),
                                  "rel_err": round(err, 6)})
@@ -230,7 +247,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default=None, help="ExTxKxN,... (default: bench/fp8_gemm.py's GROUPED)")
     ap.add_argument("--quick", action="store_true", help="first 3 configs only")
-    ap.add_argument("--gemms", default="fprop,dgrad,wgrad")
+    ap.add_argument("--gemms", default="fprop,dgrad,wgrad,wgrad_aligned")
     ap.add_argument("--variants", default=None, help="comma-separated candidate names (default: all)")
     ap.add_argument("--check", action="store_true", help="correctness of every candidate on small shapes only")
     args = ap.parse_args()

@@ -167,16 +167,39 @@ def test_fp8_grouped_linear_matches_per_expert_reference_with_empty_experts():
     y.backward(dy)
     dyq = deq(*fp8.quantize_blockwise(dy, 1, 128))
     assert rel(x.grad, grouped_ref(dyq, wq.transpose(1, 2), offs)) <= 1e-5
-    pad = 512 - M
-    dyt = deq(*fp8.quantize_blockwise(torch.cat([dy, torch.zeros(pad, N)]).T, 1, 128))
-    xt = deq(*fp8.quantize_blockwise(torch.cat([xd, torch.zeros(pad, K)]).T, 1, 128))
     start = 0
     for e, end in enumerate(offs.tolist()):
         if end == start:
             assert w.grad[e].abs().max() == 0  # an expert without tokens gets no gradient
-        else:
-            assert rel(w.grad[e], dyt[:, start:end] @ xt[:, start:end].T) <= 1e-5
+        else:  # each expert's wgrad operands in its own 128-token tiles, as if it were alone
+            dyt = deq(*fp8.quantize_act_128x1_t(dy[start:end]))
+            xt = deq(*fp8.quantize_act_128x1_t(xd[start:end]))
+            assert rel(w.grad[e], dyt @ xt.T) <= 1e-5
         start = end
+
+
+def test_expert_aligned_wgrad_operands():
+    """quantize_act_dual_grouped: the 1x128 half is quantize_act_1x128; the transposed half puts
+    each expert at a 128-aligned column, quantized exactly as that expert's rows alone, zeros
+    after it; empty experts take no columns."""
+    g = torch.Generator().manual_seed(5)
+    counts = [70, 0, 130, 256, 1]
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(counts), 256, generator=g) * torch.logspace(-2, 2, 256)
+    assert fp8.aligned_expert_offsets(offs).tolist() == [128, 128, 384, 640, 768]
+    rowwise, (qt, st) = fp8.quantize_act_dual_grouped(x, offs)
+    assert same_values(rowwise, fp8.quantize_act_1x128(x))
+    assert qt.shape == (256, 128 * (4 + 5)) and st.shape == (256, 9)
+    start = 0
+    for end, col in zip(offs.tolist(), [0, 128, 128, 384, 640]):
+        if end > start:
+            alone = fp8.quantize_act_128x1_t(x[start:end])
+            width = alone[0].shape[1]
+            assert same_values((qt[:, col:col + width], st[:, col // 128:(col + width) // 128]), alone)
+            assert (qt[:, col + end - start:col + width].float() == 0).all()
+        start = end
+    with pytest.raises(ValueError, match="offs_E"):
+        fp8.quantize_act_dual_grouped(x, offs[None])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -489,7 +512,8 @@ def test_gpu_gluon_grouped_mm_matches_reference(counts, K, N):
 @pytest.mark.parametrize("counts,N,K", [([100, 0, 150, 50], 256, 512),  # an empty expert inside
                                         ([1, 63, 0, 200, 129, 64], 384, 128),  # slabs shared by experts
                                         ([300], 128, 256),  # one expert, a partial last slab
-                                        ([0, 0, 256, 0], 256, 128)])  # aligned; empty experts at the ends
+                                        ([0, 0, 256, 0], 256, 128),  # aligned; empty experts at the ends
+                                        ([1100, 5, 700], 128, 256)])  # long experts
 def test_gpu_gluon_grouped_wgrad_matches_reference(counts, N, K):
     """The sm90 Gluon grouped wgrad (128x1 tiles along the tokens, slabs shared by two experts
     masked per expert) against the dequantized per-expert reference; empty experts get zeros."""
@@ -514,6 +538,36 @@ def test_gpu_gluon_grouped_wgrad_matches_reference(counts, N, K):
     assert rel(gluon_fp8.grouped_wgrad(qdyt, sdyt, qxt, sxt, offs.cuda(), torch.bfloat16), ref) < 5e-3
     out = gluon_fp8.grouped_wgrad(qdyt, sdyt, qxt, sxt, offs.cuda(), torch.float32, num_programs=3)
     assert rel(out, ref) < GPU_BOUND
+    # the expert-aligned operands fp8_grouped_linear uses: no slab shared, nothing masked
+    _, (qdya, sdya) = fp8.quantize_act_dual_grouped(dy, offs.cuda())
+    _, (qxa, sxa) = fp8.quantize_act_dual_grouped(x, offs.cuda())
+    offs_a = fp8.aligned_expert_offsets(offs.cuda())
+    ref_a = fp8_gemm.grouped_fp8_wgrad_reference(qdya, sdya, qxa, sxa, offs_a)
+    for stages, nprog in ((2, 3), (gluon_fp8.STAGES, None)):
+        out = gluon_fp8.grouped_wgrad(qdya, sdya, qxa, sxa, offs_a, torch.float32, stages=stages, num_programs=nprog)
+        assert rel(out, ref_a) < GPU_BOUND, stages
+        for e, c in enumerate(counts):
+            if c == 0:
+                assert out[e].abs().max() == 0
+    assert rel(fp8_gemm.grouped_fp8_wgrad(qdya, sdya, qxa, sxa, offs_a, torch.bfloat16), ref_a) < 5e-3
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("pow2", [False, True])
+def test_gpu_expert_aligned_operands_are_bitwise_equal_to_cpu(pow2):
+    """quantize_act_dual_grouped's kernel (the paired dual quantization over the experts' own
+    128-row tiles) against the CPU emulation, on every column an expert uses."""
+    g = torch.Generator().manual_seed(6)
+    counts = [70, 0, 130, 256, 1, 129, 0]
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    x = torch.randn(sum(counts), 384, generator=g) * torch.logspace(-3, 3, 384)
+    cpu = fp8.quantize_act_dual_grouped(x, offs, pow2)
+    gpu = fp8.quantize_act_dual_grouped(x.cuda(), offs.cuda(), pow2)
+    assert same_values(cpu[0], tuple(t.cpu() for t in gpu[0]))
+    used = int(fp8.aligned_expert_offsets(offs)[-1])
+    assert gpu[1][0].shape == cpu[1][0].shape and gpu[1][1].shape == cpu[1][1].shape
+    assert same_values((cpu[1][0][:, :used], cpu[1][1][:, :used // 128]),
+                       (gpu[1][0][:, :used].cpu(), gpu[1][1][:, :used // 128].cpu()))
 
 
 @pytest.mark.gpu

@@ -167,6 +167,39 @@ def quantize_act_dual(x: torch.Tensor, pow2_scales: bool = False, t_blocks: str 
     return quantize_act_1x128(x, pow2_scales), quantize_act_t(x, pow2_scales, t_blocks)
 
 
+def aligned_expert_offsets(offs_E: torch.Tensor) -> torch.Tensor:
+    """Cumulative expert ends (int32) -> the same with every expert's token count rounded up to a
+    multiple of 128: the expert segments of the expert-aligned transposed operands
+    (``quantize_act_dual_grouped``), which the grouped wgrad contracts over."""
+    counts = torch.diff(offs_E.to(torch.int64), prepend=offs_E.new_zeros(1, dtype=torch.int64))
+    return ((counts + BLOCK - 1) // BLOCK * BLOCK).cumsum(0).to(torch.int32)
+
+
+def quantize_act_dual_grouped(x: torch.Tensor, offs_E: torch.Tensor, pow2_scales: bool = False):
+    """Expert-sorted rows x [M, K] (expert e: rows [offs[e-1], offs[e])) -> (quantize_act_1x128(x),
+    (q^T [K, M'], s [K, M'/128])): the wgrad operand transposed in 128x1 tiles that never span two
+    experts. Expert e's tokens start at column ``aligned_expert_offsets(offs_E)[e - 1]`` (a multiple
+    of 128) and are followed by zeros up to the next multiple of 128, so each expert is quantized
+    as if alone and the grouped wgrad needs no masking. M' = 128 (ceil(M / 128) + E), room for
+    every expert's partial tile without reading the counts on the host; the columns past the last
+    expert's tiles are unused (zeros on the CPU, not written on the GPU)."""
+    if x.dim() != 2 or offs_E.dim() != 1:
+        raise ValueError(f"quantize_act_dual_grouped: x {list(x.shape)} must be [tokens, channels] and offs_E "
+                         f"{list(offs_E.shape)} the experts' cumulative ends")
+    _check_divisible(x.shape, 1, BLOCK, "1x128")
+    if _triton_ok(x):
+        from miles_lib.precision import triton_fp8
+        return triton_fp8.quantize_dual(x, pow2_scales, offs_E=offs_E)
+    M, K = x.shape
+    Mp = BLOCK * (-(-M // BLOCK) + offs_E.shape[0])
+    xp = x.new_zeros(Mp, K)
+    start = 0
+    for end, aligned_start in zip(offs_E.tolist(), [0] + aligned_expert_offsets(offs_E).tolist()[:-1]):
+        xp[aligned_start:aligned_start + end - start] = x[start:end]
+        start = end
+    return quantize_act_1x128(x, pow2_scales), quantize_blockwise(xp.t(), 1, BLOCK, pow2_scales)
+
+
 def quantize_act_dual_stacked(xs: list[torch.Tensor], pow2_scales: bool = False, t_blocks: str = "128x1"):
     """``quantize_act_dual(torch.cat(xs, dim=1))``: the output grads of linears that share an input,
     stacked. Every x_i's width is a multiple of 128, so no tile spans two parts and the result is

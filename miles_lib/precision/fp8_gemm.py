@@ -241,7 +241,9 @@ def grouped_fp8_mm(qa, sa, qb, sb, offs_E, out_dtype=torch.float32) -> torch.Ten
 
 
 def grouped_fp8_wgrad(qa_t, sa_t, qb_t, sb_t, offs_E, out_dtype=torch.float32) -> torch.Tensor:
-    """dW[e] = sum over the tokens m of expert e of a_t[:, m] b_t[:, m]^T -> [E, N, K]."""
+    """dW[e] = sum over the tokens m of expert e of a_t[:, m] b_t[:, m]^T -> [E, N, K]. Any expert
+    boundaries; with the expert-aligned operands of ``fp8.quantize_act_dual_grouped`` and
+    ``fp8.aligned_expert_offsets`` no 128-token slab is shared, so the kernels mask nothing."""
     if _USE_GLUON and _triton_ok(qa_t) and gluon_available():
         from miles_lib.precision import gluon_fp8
         return gluon_fp8.grouped_wgrad(qa_t, sa_t, qb_t, sb_t, offs_E, out_dtype)

@@ -25,7 +25,9 @@ so the backward never re-reads x or W in high precision. The master weight stays
 (bf16/fp32) and its gradient is returned in that dtype. Outputs are in x's dtype. Inference (no grad needed)
 skips the wgrad operand. Grouped: the same three GEMMs per expert over the expert-sorted rows
 (``offs_E``), run by one grouped kernel per GEMM on the GPU (``fp8_gemm.grouped_fp8_mm`` /
-``grouped_fp8_wgrad``) and by the dequantized reference on the CPU.
+``grouped_fp8_wgrad``) and by the dequantized reference on the CPU; the wgrad's operands are
+quantized in 128-token tiles per expert (``fp8.quantize_act_dual_grouped``), so no tile, and no
+scale, is shared by two experts.
 """
 
 from __future__ import annotations
@@ -33,8 +35,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from miles_lib.precision.fp8 import (WGRAD_GRAD_BLOCKS, quantize_act_1x128, quantize_act_dual,
-                                     quantize_act_dual_stacked, quantize_act_t, quantize_weight_128x128)
+from miles_lib.precision.fp8 import (
+    WGRAD_GRAD_BLOCKS,
+    aligned_expert_offsets,
+    quantize_act_1x128,
+    quantize_act_dual,
+    quantize_act_dual_grouped,
+    quantize_act_dual_stacked,
+    quantize_act_t,
+    quantize_weight_128x128,
+)
 from miles_lib.precision.fp8_gemm import fp8_mm, grouped_fp8_mm, grouped_fp8_wgrad
 
 
@@ -228,10 +238,23 @@ class Fp8Linear(nn.Linear):
 # ---------------------------------------------------------------------------------------------
 # grouped (MoE experts)
 # ---------------------------------------------------------------------------------------------
+def _quantize_grouped(x, offs_E, pow2: bool, needs: tuple[bool, bool]):
+    """x quantized 1x128 (fprop / dgrad) and in the expert-aligned 128x1 layout (wgrad), each only
+    if needed."""
+    if needs[1]:
+        rowwise, aligned = quantize_act_dual_grouped(x, offs_E, pow2)
+        return rowwise if needs[0] else (None, None), aligned
+    return quantize_act_1x128(x, pow2) if needs[0] else (None, None), (None, None)
+
+
 class _Fp8GroupedFn(torch.autograd.Function):
+    """The wgrad operands (x, dy) are transposed in 128-token tiles per expert
+    (``quantize_act_dual_grouped``): an expert's tokens never share a scale with another's, and
+    the grouped wgrad runs over 128-aligned segments without masking."""
+
     @staticmethod
     def forward(ctx, x_MK, w_ENK, offs_E, pow2_scales: bool):
-        (qx, sx), (qxt, sxt) = _quantize_input(x_MK, pow2_scales, ctx.needs_input_grad[1])
+        (qx, sx), (qxt, sxt) = _quantize_grouped(x_MK, offs_E, pow2_scales, (True, ctx.needs_input_grad[1]))
         (qw, sw), (qwt, swt) = _weight_operands((w_ENK,), pow2_scales, ctx.needs_input_grad[0])
         y = grouped_fp8_mm(qx, sx, qw, sw, offs_E, out_dtype=x_MK.dtype)
         ctx.save_for_backward(qwt, swt, qxt, sxt, offs_E)
@@ -243,11 +266,11 @@ class _Fp8GroupedFn(torch.autograd.Function):
         qwt, swt, qxt, sxt, offs_E = ctx.saved_tensors
         dy_MN = dy_MN.contiguous()
         dx = dw = None
-        (qdy, sdy), (qdyt, sdyt) = _quantize_grad(dy_MN, ctx.pow2, ctx.needs_input_grad[:2])
+        (qdy, sdy), (qdyt, sdyt) = _quantize_grouped(dy_MN, offs_E, ctx.pow2, ctx.needs_input_grad[:2])
         if ctx.needs_input_grad[0]:
             dx = grouped_fp8_mm(qdy, sdy, qwt, swt, offs_E, out_dtype=dy_MN.dtype)
         if ctx.needs_input_grad[1]:
-            dw = grouped_fp8_wgrad(qdyt, sdyt, qxt, sxt, offs_E, out_dtype=ctx.w_dtype)
+            dw = grouped_fp8_wgrad(qdyt, sdyt, qxt, sxt, aligned_expert_offsets(offs_E), out_dtype=ctx.w_dtype)
         return dx, dw, None, None
 
 

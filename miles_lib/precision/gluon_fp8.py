@@ -42,15 +42,19 @@ Design note.
     rows of dW, 128 columns); the ring carries the 128-token slabs that overlap the expert; the
     promotion multiplies by the slab's row (dy) and column (x) scales. A slab shared with the
     neighbouring expert (its 128x1 scales cover both) has the other expert's tokens zeroed in the
-    consumer's own shared-memory copy of A before the wgmma; an expert without tokens stores zeros.
-    The output blocks never cross experts, so all of them leave through TMA.
-  * Measured (H200, bench/results/README.md "Grouped experts on the Gluon kernels"): fprop / dgrad
+    consumer's own shared-memory copy of A before the wgmma (the expert-aligned operands of
+    ``fp8.quantize_act_dual_grouped``, which the FP8 grouped linear uses, share none); an expert
+    without tokens stores zeros. The output blocks never cross experts, so all of them leave
+    through TMA.
+  * Measured (H200, bench/results/README.md "Grouped experts: split products ..."): fprop / dgrad
     with split products 650-820 TFLOP/s at the expert shapes (550-720 whole), 960-1070 with one
-    expert of 32768 rows (cuBLAS's dense block-scaled GEMM: 1080-1250); the wgrad 300-580, vs
-    430-580 for bf16 ``torch._grouped_mm``. Tried and dropped: a second whole-width product
+    expert of 32768 rows (cuBLAS's dense block-scaled GEMM: 1080-1250); the wgrad on the
+    expert-aligned operands ``fp8_grouped_linear`` gives it (nothing masked) 440-610, vs 425-580
+    for bf16 ``torch._grouped_mm``. Tried and dropped: a second whole-width product
     register set (spills; C7515), 256-wide tiles (two 128-column products; spills, slower for
     dgrad), the two warpgroups issuing their wgmmas strictly in turn through a pair of mbarriers
-    (no faster: the tensor cores do not run one warpgroup's queued wgmmas before the other's).
+    (5-8% slower: the tensor cores do not run one warpgroup's queued wgmmas before the other's),
+    split products in the wgrad (slower: its per-column x scales cost 32 registers more).
 """
 
 from __future__ import annotations
@@ -521,14 +525,16 @@ def grouped_wgrad(qa_t, sa_t, qb_t, sb_t, offs_E, out_dtype, stages: int = STAGE
                   num_programs: int | None = None) -> torch.Tensor:
     """a_t [N, M'] and b_t [K, M'] (128x1 scales along the tokens: [N, M'/128], [K, M'/128]) ->
     dW [E, N, K], dW[e] = sum over expert e's tokens m of a_t[:, m] b_t[:, m]^T (zeros for an expert
-    without tokens); N and K multiples of 128."""
+    without tokens); N and K multiples of 128. A slab shared by two experts is masked per expert;
+    with 128-aligned expert boundaries (``fp8.aligned_expert_offsets``) none is."""
     qa_t, qb_t, c = _wgrad_output(qa_t, qb_t, offs_E, out_dtype)
     if qa_t.shape[1] == 0:  # no tokens: a TMA descriptor cannot span an empty dim
         return c.zero_()
     (E, N, K), starts_ends = c.shape, _starts_ends(offs_E)
     NT, KT = N // 128, K // 128
     stages, nprog = _launch_params(c, stages, E * NT * KT, num_programs)
-    _grouped_wgrad_kernel[(nprog,)](_desc(qa_t, [64, 128]), _desc(qb_t, [128, 128]), _desc(c.view(E * N, K), [64, 128]),
+    _grouped_wgrad_kernel[(nprog,)](_desc(qa_t, [64, 128]), _desc(qb_t, [128, 128]),
+                                    _desc(c.view(E * N, K), [64, 128]),
                                     sa_t, sb_t, *starts_ends, E * NT * KT, NT, KT, N,
                                     sa_t.stride(0), sa_t.stride(1), sb_t.stride(0), sb_t.stride(1),
                                     STAGES=stages, CONSUMER_REGS=_REGS[0], PRODUCER_REGS=_REGS[1], num_warps=4)

@@ -169,11 +169,11 @@ def _load_rows(x_ptr, row0, rk, M, K, stride_xm, ROWS: tl.constexpr, G: tl.const
 
 
 @triton.jit
-def _store_1x128(q_ptr, s_ptr, q, s, rm, kb, M, LDQ):
-    """Rows rm of the 128 columns of K block kb: q into the [M, K] output (row stride LDQ), s into
-    the [K/128, M] scales (outer-dim-major)."""
+def _store_1x128(q_ptr, s_ptr, q, s, rm, kb, M, LDQ, row_end):
+    """Rows rm (those < row_end) of the 128 columns of K block kb: q into the [M, K] output (row
+    stride LDQ), s into the [K/128, M] scales (outer-dim-major)."""
     rk = kb * 128 + tl.arange(0, 128)
-    mmask = rm < M
+    mmask = rm < row_end
     tl.store(q_ptr + rm[:, None].to(tl.int64) * LDQ + rk[None, :], q.to(q_ptr.dtype.element_ty), mask=mmask[:, None])
     tl.store(s_ptr + kb * M + rm, s, mask=mmask)
 
@@ -196,7 +196,7 @@ def _quant_1x128_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, POW2: tl.constexpr
     rk = kb * 128 + tl.arange(0, 128)
     x = tl.load(x_ptr + rm[:, None].to(tl.int64) * stride_xm + rk[None, :], mask=rm[:, None] < M, other=0.0)
     q, s = _quantize(x, 1, POW2, FAST_DIV)
-    _store_1x128(q_ptr, s_ptr, q, s, rm, kb, M, K)
+    _store_1x128(q_ptr, s_ptr, q, s, rm, kb, M, K, M)
 
 
 @triton.jit
@@ -236,7 +236,7 @@ def _quant_dual_tile_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, strid
     rk = kb * 128 + tl.arange(0, 128)
     x = _load_rows(x_ptr, mb * 128, rk, M, K, stride_xm, 128, G, "")
     q, s = _quantize(x, 1, POW2, FAST_DIV)
-    _store_1x128(q_ptr, s_ptr, q, s, rm, kb, M, K)
+    _store_1x128(q_ptr, s_ptr, q, s, rm, kb, M, K, M)
     qt, st = _quantize(x, 0, POW2, FAST_DIV)
     _store_128x1_t(qt_ptr, qt, rm, rk, K, Mp)
     tl.store(st_ptr + mb * K + rk, st)
@@ -244,8 +244,9 @@ def _quant_dual_tile_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, strid
 
 @triton.jit
 def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, stp_ptr, M, K, Mp, stride_xm, LDQ, LDST, STP_ROW,
-                              POW2: tl.constexpr, FAST_DIV: tl.constexpr, G: tl.constexpr, SUB: tl.constexpr,
-                              T_2D: tl.constexpr, RSUB: tl.constexpr):
+                              starts_ptr, ends_ptr, E, POW2: tl.constexpr, FAST_DIV: tl.constexpr, G: tl.constexpr,
+                              SUB: tl.constexpr, T_2D: tl.constexpr, RSUB: tl.constexpr, GROUPED: tl.constexpr,
+                              E_P2: tl.constexpr):
     """Programs 2t and 2t + 1 take the same 128x128 tile t: the first quantizes it 1x128 (in
     RSUB-row slices), the second 128x1 (transposed, in SUB-column slices). The pair runs at about the same time, so the
     second read of the tile is served by L2: x comes from DRAM once, and each program holds only
@@ -256,21 +257,33 @@ def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, stp_ptr, M, K
     rows padded to STP_ROW with ones (cuBLAS's 128x128 scale layout).
 
     LDQ, LDST: row strides of q and of the 128x1 scale buffer [M'/128, K] (K and K when the outputs
-    are x's own; larger when they are column slices of a stack, ``quantize_dual_stacked``)."""
+    are x's own; larger when they are column slices of a stack, ``quantize_dual_stacked``).
+
+    GROUPED (expert-sorted rows, experts [starts[e], ends[e])): tile row mb is the mb-th 128-row
+    tile of the experts' own tiles (``_expert_tile``), so the transposed copy's 128-token tiles
+    never span two experts: its column block mb holds that tile's rows, zeros past the expert's
+    end; tiles past the last expert's write nothing."""
     pid = tl.program_id(0)
     t = pid // 2
     nkb = K // 128
     mb = t // nkb
     kb = t % nkb
-    rm = mb * 128 + tl.arange(0, 128)
+    rm = mb * 128 + tl.arange(0, 128)  # the tile's columns in the transposed copy
+    if GROUPED:
+        valid, _e, row0, row_end = _expert_tile(mb, starts_ptr, ends_ptr, E, E_P2, 128)
+        if not valid:
+            return
+    else:
+        row0 = mb * 128
+        row_end = M
     if pid % 2 == 0:
         rk_rows = kb * 128 + tl.arange(0, 128)
         for r in tl.static_range(128 // RSUB):
-            rm_r = mb * 128 + r * RSUB + tl.arange(0, RSUB)
+            rm_r = row0 + r * RSUB + tl.arange(0, RSUB)
             x_rows = tl.load(x_ptr + rm_r[:, None].to(tl.int64) * stride_xm + rk_rows[None, :],
-                             mask=rm_r[:, None] < M, other=0.0)
+                             mask=rm_r[:, None] < row_end, other=0.0)
             q, s = _quantize(x_rows, 1, POW2, FAST_DIV)
-            _store_1x128(q_ptr, s_ptr, q, s, rm_r, kb, M, LDQ)
+            _store_1x128(q_ptr, s_ptr, q, s, rm_r, kb, M, LDQ, row_end)
     elif T_2D:
         amax = 0.0
         for h in tl.static_range(128 // SUB):
@@ -288,7 +301,7 @@ def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, stp_ptr, M, K
     else:
         for h in tl.static_range(128 // SUB):
             rk_cols = kb * 128 + h * SUB + tl.arange(0, SUB)
-            x_cols = _load_rows(x_ptr, mb * 128, rk_cols, M, K, stride_xm, 128, G, "")
+            x_cols = _load_rows(x_ptr, row0, rk_cols, row_end, K, stride_xm, 128, G, "")
             qt, st = _quantize(x_cols, 0, POW2, FAST_DIV)
             _store_128x1_t(qt_ptr, qt, rm, rk_cols, K, Mp)
             tl.store(st_ptr + mb * LDST + rk_cols, st)
@@ -390,7 +403,7 @@ def quantize_128x1_t(x: torch.Tensor, pow2_scales: bool, *, block_k: int = 64, n
 
 def quantize_dual(x: torch.Tensor, pow2_scales: bool, *, paired_sub: int | None = 64, num_warps: int = 4,
                   max_registers: int | None = None, fast_div: bool | None = None, t_blocks: str = "128x1",
-                  row_sub: int = 64, out: tuple | None = None):
+                  row_sub: int = 64, out: tuple | None = None, offs_E: torch.Tensor | None = None):
     """(quantize_1x128(x), quantize_128x1_t(x)) bit for bit, reading x from DRAM once (K a multiple
     of 128). ``t_blocks="128x128"``: the transposed copy in 128x128 blocks instead, scales
     [K/128, M'/128] (the dy operand of a wgrad on the faster 128x128 x 1x128 cuBLAS kernel; paired
@@ -404,10 +417,16 @@ def quantize_dual(x: torch.Tensor, pow2_scales: bool, *, paired_sub: int | None 
     the fastest on the H200 at every measured shape (bench/fp8_probe.py: 32768x7168 0.317 ms vs
     0.354 with whole 128-row tiles in the 1x128 program, 0.371 for the two kernels and 0.41 for the
     tile kernel; 32768x2048 0.096 vs 0.107 / 0.111 / 0.122; power-of-two scales 5% faster than the
-    whole tiles; fp8_probe_quant_rows*_h200.json)."""
-    if t_blocks not in WGRAD_GRAD_BLOCKS or (t_blocks == "128x128" and paired_sub is None):
-        raise ValueError(f"quantize_dual: t_blocks={t_blocks!r} with paired_sub={paired_sub!r}; use '128x1', or "
-                         "'128x128' with the paired kernel")
+    whole tiles; fp8_probe_quant_rows*_h200.json).
+
+    ``offs_E`` (cumulative expert ends of expert-sorted rows): the transposed copy in the
+    expert-aligned layout of ``fp8.quantize_act_dual_grouped`` (128x1, paired kernel, own
+    outputs); its columns past the last expert's tiles are left unwritten."""
+    grouped = offs_E is not None
+    if (t_blocks not in WGRAD_GRAD_BLOCKS or (t_blocks == "128x128" and paired_sub is None)
+            or (grouped and (t_blocks != "128x1" or paired_sub is None or out is not None))):
+        raise ValueError(f"quantize_dual: t_blocks={t_blocks!r} with paired_sub={paired_sub!r}, grouped={grouped}; use "
+                         "'128x1', or '128x128' with the paired kernel (grouped: '128x1', paired, no out=)")
     x = _row_major_input(x)
     M, K = x.shape
     t_2d = t_blocks == "128x128"
@@ -415,17 +434,21 @@ def quantize_dual(x: torch.Tensor, pow2_scales: bool, *, paired_sub: int | None 
         q, s_buf, qt, st_buf, stp_buf = out
     else:
         q, s_buf = _alloc_1x128(M, K, x.device)
-        qt, st_buf = _alloc_128x1_t(M, K, x.device)
+        # grouped: room for every expert's partial last tile (M' = 128 (ceil(M / 128) + E))
+        qt, st_buf = _alloc_128x1_t(M + BLOCK * offs_E.shape[0] if grouped else M, K, x.device)
         st_buf, stp_buf = _scales_128x128([], K // BLOCK, qt.shape[1] // BLOCK, x.device) if t_2d else (st_buf, st_buf)
     Mp = qt.shape[1]
+    starts, ends = _starts_ends(offs_E) if grouped else (q, q)  # (unused pointers when not grouped)
+    E = offs_E.shape[0] if grouped else 1
     args = (x, q, s_buf, qt, st_buf)
     meta = {"POW2": pow2_scales, "FAST_DIV": _fast_div(fast_div), "num_warps": num_warps, "maxnreg": max_registers}
     tiles = (K // BLOCK) * (Mp // BLOCK)
     if paired_sub is not None:
         _quant_dual_paired_kernel[(2 * tiles,)](*args, stp_buf, M, K, Mp, x.stride(0), q.stride(0), st_buf.stride(0),
-                                                stp_buf.stride(0),
+                                                stp_buf.stride(0), starts, ends, E,
                                                 G=_rows_per_rep(x, paired_sub, num_warps, BLOCK), SUB=paired_sub,
-                                                T_2D=t_2d, RSUB=row_sub, **meta)
+                                                T_2D=t_2d, RSUB=row_sub, GROUPED=grouped,
+                                                E_P2=triton.next_power_of_2(E), **meta)
     else:
         if out is not None:
             raise ValueError("quantize_dual: out= needs the paired kernel (paired_sub)")
