@@ -165,6 +165,21 @@ def _slab_scale(sa_ptrs, rmask, sb_ptr_e, kb, KB, stride_sa_k, stride_sb_k):
 
 
 @gluon.jit
+def _mm_tile(tile, NT, tile_ptr, sa_ptr, sb_ptr, stride_sa_m, stride_sb_e, stride_sb_n, layout: gl.constexpr,
+             WG: gl.constexpr):
+    """Tile -> (expert or -1, column tile j, first row, the expert's end row, this warpgroup's row
+    mask, its rows' sA pointers, the tile's sB pointer); rows in ``layout``'s row slice."""
+    t = tile // NT
+    j = tile - t * NT
+    e = gl.load(tile_ptr + 3 * t)
+    row0 = gl.load(tile_ptr + 3 * t + 1)
+    row_end = gl.load(tile_ptr + 3 * t + 2)
+    rows = row0 + WG * 64 + gl.arange(0, 64, gl.SliceLayout(1, layout))
+    return (e, j, row0, row_end, rows < row_end, sa_ptr + rows * stride_sa_m,
+            sb_ptr + e * stride_sb_e + j * stride_sb_n)
+
+
+@gluon.jit
 def _consumer(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_ptr, tile_ptr, num_tiles, NT, M, N,
               KB, stride_sa_m, stride_sa_k, stride_sb_e, stride_sb_n, stride_sb_k, WG: gl.constexpr):
     """Rows [64 WG, 64 WG + 64) of every tile of this CTA: per slab, issue its wgmma, wait, release
@@ -174,16 +189,9 @@ def _consumer(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr, sb_pt
     p = gl.zeros([64, BN], gl.float32, mma)  # the product's registers
     it = 0
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        t = tile // NT
-        j = tile - t * NT
-        e = gl.load(tile_ptr + 3 * t)
-        row0 = gl.load(tile_ptr + 3 * t + 1)
-        row_end = gl.load(tile_ptr + 3 * t + 2)
+        e, j, row0, row_end, rmask, sa_ptrs, sb_ptr_e = _mm_tile(tile, NT, tile_ptr, sa_ptr, sb_ptr, stride_sa_m,
+                                                                 stride_sb_e, stride_sb_n, mma, WG)
         if e >= 0:
-            rows = row0 + WG * 64 + gl.arange(0, 64, gl.SliceLayout(1, mma))
-            rmask = rows < row_end
-            sa_ptrs = sa_ptr + rows * stride_sa_m
-            sb_ptr_e = sb_ptr + e * stride_sb_e + j * stride_sb_n
             acc = gl.zeros([64, BN], gl.float32, mma)
             sc = _slab_scale(sa_ptrs, rmask, sb_ptr_e, 0, KB, stride_sa_k, stride_sb_k)
             for kb in range(KB):
@@ -279,16 +287,9 @@ def _consumer_split(a_bufs, b_bufs, ready, empty, c_desc, c_bufs, c_ptr, sa_ptr,
     p1 = gl.zeros([64, H], gl.float32, mma)
     it = 0
     for tile in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
-        t = tile // NT
-        j = tile - t * NT
-        e = gl.load(tile_ptr + 3 * t)
-        row0 = gl.load(tile_ptr + 3 * t + 1)
-        row_end = gl.load(tile_ptr + 3 * t + 2)
+        e, j, row0, row_end, rmask, sa_ptrs, sb_ptr_e = _mm_tile(tile, NT, tile_ptr, sa_ptr, sb_ptr, stride_sa_m,
+                                                                 stride_sb_e, stride_sb_n, mma, WG)
         if e >= 0:
-            rows = row0 + WG * 64 + gl.arange(0, 64, gl.SliceLayout(1, mma))
-            rmask = rows < row_end
-            sa_ptrs = sa_ptr + rows * stride_sa_m
-            sb_ptr_e = sb_ptr + e * stride_sb_e + j * stride_sb_n
             acc0 = gl.zeros([64, H], gl.float32, mma)
             acc1 = gl.zeros([64, H], gl.float32, mma)
             sc = _slab_scale(sa_ptrs, rmask, sb_ptr_e, 0, KB, stride_sa_k, stride_sb_k)
