@@ -200,6 +200,9 @@ def test_expert_aligned_wgrad_operands():
         start = end
     with pytest.raises(ValueError, match="offs_E"):
         fp8.quantize_act_dual_grouped(x, offs[None])
+    for bad in ([70, 60, 200, 456, 457], [70, 70, 200, 456, 450]):  # decreasing; not ending at M
+        with pytest.raises(ValueError, match="non-decreasing cumulative expert ends"):
+            fp8.quantize_act_dual_grouped(x, torch.tensor(bad, dtype=torch.int32))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -182,7 +182,9 @@ def quantize_act_dual_grouped(x: torch.Tensor, offs_E: torch.Tensor, pow2_scales
     of 128) and are followed by zeros up to the next multiple of 128, so each expert is quantized
     as if alone and the grouped wgrad needs no masking. M' = 128 (ceil(M / 128) + E), room for
     every expert's partial tile without reading the counts on the host; the columns past the last
-    expert's tiles are unused (zeros on the CPU, not written on the GPU)."""
+    expert's tiles are unused (zeros on the CPU, not written on the GPU). The CPU path checks that
+    offs_E is non-decreasing and ends at M; on the GPU that would cost a host sync, and the MoE
+    router's offsets are trusted."""
     if x.dim() != 2 or offs_E.dim() != 1:
         raise ValueError(f"quantize_act_dual_grouped: x {list(x.shape)} must be [tokens, channels] and offs_E "
                          f"{list(offs_E.shape)} the experts' cumulative ends")
@@ -191,10 +193,14 @@ def quantize_act_dual_grouped(x: torch.Tensor, offs_E: torch.Tensor, pow2_scales
         from miles_lib.precision import triton_fp8
         return triton_fp8.quantize_dual(x, pow2_scales, offs_E=offs_E)
     M, K = x.shape
+    ends = offs_E.tolist()
+    if any(b < a for a, b in zip([0] + ends, ends)) or (ends and ends[-1] != M):
+        raise ValueError(f"quantize_act_dual_grouped: offs_E {ends} must be non-decreasing cumulative expert ends "
+                         f"reaching the {M} rows of x")
     Mp = BLOCK * (-(-M // BLOCK) + offs_E.shape[0])
     xp = x.new_zeros(Mp, K)
     start = 0
-    for end, aligned_start in zip(offs_E.tolist(), [0] + aligned_expert_offsets(offs_E).tolist()[:-1]):
+    for end, aligned_start in zip(ends, [0] + aligned_expert_offsets(offs_E).tolist()[:-1]):
         xp[aligned_start:aligned_start + end - start] = x[start:end]
         start = end
     return quantize_act_1x128(x, pow2_scales), quantize_blockwise(xp.t(), 1, BLOCK, pow2_scales)
