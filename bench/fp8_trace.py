@@ -1,6 +1,6 @@
 """Where the time of one FP8 linear training step goes (CUDA only); prints ONE JSON object.
 
-    python3 bench/fp8_trace.py [--shapes 32768x7168x2048,16384x4096x1536]
+    python3 bench/fp8_trace.py [--shapes 32768x7168x2048,16384x4096x1536] [--grouped 128x256x4096x1536,...]
 
 Per (tokens x hidden x ffn) shape and per path (bf16 ``F.linear``, ``fp8_linear`` in each recipe of
 bench/fp8_gemm.py RECIPES): one
@@ -15,6 +15,11 @@ torch.profiler over 5 steps, after warm-up. Reported per step:
   gemm_host_us   host time of one fprop GEMM call per cuBLAS entry point that accepts the recipe
   host_top[]     (fp8) the Python functions with the most own time per step (cProfile over 20 steps
                  issued while the GPU is held busy): where the host time goes
+``--grouped`` (E experts x T tokens each x hidden x ffn, uneven experts as in bench/fp8_gemm.py):
+the same trace of the MoE expert projection's step, bf16 ``torch._grouped_mm`` vs
+``fp8_grouped_linear`` (fp32 and power-of-two scales), with the expert weights touched every step
+and with them cached (``*_weights_cached``: quantized once per optimizer step), each kernel
+classified (``by_kind``: grouped GEMM, quantization, other).
 """
 
 from __future__ import annotations
@@ -26,10 +31,14 @@ import time
 
 import torch
 import torch.nn.functional as F
+from fp8_gemm import (  # bench/ sibling: the FP8 bench's micro-step and recipes
+    RECIPES,
+    bf16_grouped,
+    fwd_bwd,
+    own_copy,
+)
 
-from miles_lib.precision.fp8_linear import fp8_linear
-
-from fp8_gemm import RECIPES, fwd_bwd  # bench/ sibling: the same training micro-step and recipes as the FP8 bench
+from miles_lib.precision.fp8_linear import fp8_grouped_linear, fp8_linear
 
 
 def make_step(path: str, M: int, K: int, N: int):
@@ -39,6 +48,39 @@ def make_step(path: str, M: int, K: int, N: int):
     dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16, generator=g)
     fn = (lambda: F.linear(x, w)) if path == "bf16" else (lambda: fp8_linear(x, w, **RECIPES[path]))
     return fwd_bwd(fn, (x, w), dy, w)
+
+
+def make_grouped_step(path: str, E: int, T: int, K: int, N: int, touch: bool):
+    """The expert projection's training micro-step (bench/fp8_gemm.py's uneven experts)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    counts = torch.full((E,), T)
+    counts[::2] += T // 4
+    counts[1::2] -= T // 4
+    offs = counts.cumsum(0).to("cuda", torch.int32)
+    x = torch.randn(E * T, K, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    w = torch.nn.Parameter(torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02)
+    w = w if touch else own_copy(w)
+    dy = torch.randn(E * T, N, device="cuda", dtype=torch.bfloat16, generator=g)
+    fn = ((lambda: bf16_grouped(x, w, offs)) if path == "bf16" else
+          (lambda: fp8_grouped_linear(x, w, offs, pow2_scales=path == "fp8_pow2")))
+    return fwd_bwd(fn, (x, w), dy, w, touch)
+
+
+def kernel_kind(name: str) -> str:
+    """A kernel's role in the step, from its name."""
+    n = name.lower()
+    if "quant" in n:
+        return "quantization"
+    if "grouped" in n or "gemm" in n or "wgrad" in n or "_mm" in n or "cutlass" in n or "sm90" in n:
+        return "gemm"
+    return "other"
+
+
+def by_kind(kernels: list[dict]) -> dict:
+    out = collections.Counter()
+    for k in kernels:
+        out[kernel_kind(k["name"])] += k["us"]
+    return {k: round(v, 1) for k, v in out.items()}
 
 
 def trace(step, steps: int = 5) -> dict:
@@ -134,10 +176,20 @@ def wall_us(step, reps: int = 20) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shapes", default="32768x7168x2048,16384x4096x1536")
+    ap.add_argument("--shapes", default="32768x7168x2048,16384x4096x1536", help="linear shapes ('' for none)")
+    ap.add_argument("--grouped", default="", help="expert shapes ExTxKxN,... (default: none)")
     args = ap.parse_args()
-    out = {"bench": "fp8_trace", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": []}
-    for spec in args.shapes.split(","):
+    out = {"bench": "fp8_trace", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "shapes": [],
+           "grouped": []}
+    for spec in filter(None, args.grouped.split(",")):
+        E, T, K, N = (int(v) for v in spec.split("x"))
+        row = {"experts": E, "tokens_per_expert": T, "hidden": K, "ffn": N}
+        for touch in (True, False):
+            for path in ("bf16", "fp8", "fp8_pow2"):
+                t = trace(make_grouped_step(path, E, T, K, N, touch))
+                row[path + ("" if touch else "_weights_cached")] = {**t, "by_kind": by_kind(t["kernels"])}
+        out["grouped"].append(row)
+    for spec in filter(None, args.shapes.split(",")):
         M, K, N = (int(v) for v in spec.split("x"))
         row = {"tokens": M, "hidden": K, "ffn": N, "gemm_host_us": gemm_host_us(M, K, N)}
         for path in ("bf16", *RECIPES):
