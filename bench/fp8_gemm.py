@@ -292,6 +292,15 @@ def bench_shared(M, K, Ns, dev, iters):
     return out
 
 
+def uneven_offsets(E: int, T: int, device) -> torch.Tensor:
+    """Cumulative ends of E experts averaging T tokens, alternately T + T/4 and T - T/4 (so the
+    experts straddle 128-token tiles), int32 on ``device``."""
+    counts = torch.full((E,), T)
+    counts[::2] += T // 4
+    counts[1::2] -= T // 4
+    return counts.cumsum(0).to(device, torch.int32)
+
+
 def bf16_grouped(x, w_ENK, offs):
     return torch._grouped_mm(x, w_ENK.transpose(-2, -1), offs=offs)
 
@@ -299,10 +308,7 @@ def bf16_grouped(x, w_ENK, offs):
 def bench_grouped(E, T, K, N, dev, iters):
     g = torch.Generator().manual_seed(1)
     M = E * T
-    counts = torch.full((E,), T)
-    counts[::2] += T // 4  # uneven experts (same total): groups straddle 128-token tiles
-    counts[1::2] -= T // 4
-    offs = counts.cumsum(0).to(dev, torch.int32)
+    offs = uneven_offsets(E, T, dev)
     x = torch.randn(M, K, generator=g).to(dev, torch.bfloat16).requires_grad_()
     w = torch.nn.Parameter((torch.randn(E, N, K, generator=g) * 0.02).to(dev, torch.bfloat16))
     dy = torch.randn(M, N, generator=g).to(dev, torch.bfloat16)

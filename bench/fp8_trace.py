@@ -36,6 +36,7 @@ from fp8_gemm import (  # bench/ sibling: the FP8 bench's micro-step and recipes
     bf16_grouped,
     fwd_bwd,
     own_copy,
+    uneven_offsets,
 )
 
 from miles_lib.precision.fp8_linear import fp8_grouped_linear, fp8_linear
@@ -53,10 +54,7 @@ def make_step(path: str, M: int, K: int, N: int):
 def make_grouped_step(path: str, E: int, T: int, K: int, N: int, touch: bool):
     """The expert projection's training micro-step (bench/fp8_gemm.py's uneven experts)."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    counts = torch.full((E,), T)
-    counts[::2] += T // 4
-    counts[1::2] -= T // 4
-    offs = counts.cumsum(0).to("cuda", torch.int32)
+    offs = uneven_offsets(E, T, "cuda")
     x = torch.randn(E * T, K, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
     w = torch.nn.Parameter(torch.randn(E, N, K, device="cuda", dtype=torch.bfloat16, generator=g) * 0.02)
     w = w if touch else own_copy(w)

@@ -206,7 +206,7 @@ def quantize_act_dual_grouped(x: torch.Tensor, offs_E: torch.Tensor, pow2_scales
     for end, aligned_start in zip(ends, [0] + aligned_expert_offsets(offs_E).tolist()[:-1]):
         xp[aligned_start:aligned_start + end - start] = x[start:end]
         start = end
-    return quantize_act_1x128(x, pow2_scales), quantize_blockwise(xp.t(), 1, BLOCK, pow2_scales)
+    return quantize_act_1x128(x, pow2_scales), quantize_act_128x1_t(xp, pow2_scales)
 
 
 def quantize_act_dual_stacked(xs: list[torch.Tensor], pow2_scales: bool = False, t_blocks: str = "128x1"):

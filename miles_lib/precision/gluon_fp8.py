@@ -63,7 +63,6 @@ import functools
 
 import torch
 import triton
-import triton.language as tl
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
@@ -76,10 +75,10 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from miles_lib.precision.triton_fp8 import (
-    _expert_tile,
     _mm_output,
     _starts_ends,
     _wgrad_output,
+    expert_tile_table,
 )
 
 _BM = 128  # rows per tile: two consumer warpgroups of 64
@@ -460,16 +459,6 @@ def _grouped_wgrad_kernel(a_desc, b_desc, c_desc, sa_ptr, sb_ptr, starts_ptr, en
     ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-@triton.jit
-def _tile_table_kernel(starts_ptr, ends_ptr, out_ptr, E, E_P2: tl.constexpr, BM: tl.constexpr):
-    """Row tile t -> (expert, or -1 past the last tile; first row; the expert's end row)."""
-    t = tl.program_id(0)
-    valid, e, row0, row_end = _expert_tile(t, starts_ptr, ends_ptr, E, E_P2, BM)
-    tl.store(out_ptr + 3 * t, tl.where(valid, e, -1))
-    tl.store(out_ptr + 3 * t + 1, row0)
-    tl.store(out_ptr + 3 * t + 2, row_end)
-
-
 STAGES = 5  # ring slots of 32 KB (A 2 x [64, 128] + B [128, 128] e4m3); three with an fp32 output
 SPLIT = True  # fprop / dgrad products in two column halves (``_consumer_split``)
 _REGS = (232, 40)  # per-thread registers: consumer warpgroup, producer warp (setmaxnreg)
@@ -506,10 +495,8 @@ def grouped_mm(qa, sa, qb, sb, offs_E, out_dtype, stages: int = STAGES, num_prog
     split = SPLIT if split is None else split
     if M == 0:
         return c
-    starts, ends = _starts_ends(offs_E)
     T = triton.cdiv(M, _BM) + E  # an upper bound on the row tiles
-    table = torch.empty(T, 3, dtype=torch.int32, device=qa.device)
-    _tile_table_kernel[(T,)](starts, ends, table, E, E_P2=triton.next_power_of_2(E), BM=_BM)
+    table = expert_tile_table(offs_E, T, _BM)
     NT = N // _BN
     num_tiles = T * NT
     stages, nprog = _launch_params(c, stages, num_tiles, num_programs)

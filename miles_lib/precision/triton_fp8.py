@@ -244,9 +244,8 @@ def _quant_dual_tile_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, M, K, Mp, strid
 
 @triton.jit
 def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, stp_ptr, M, K, Mp, stride_xm, LDQ, LDST, STP_ROW,
-                              starts_ptr, ends_ptr, E, POW2: tl.constexpr, FAST_DIV: tl.constexpr, G: tl.constexpr,
-                              SUB: tl.constexpr, T_2D: tl.constexpr, RSUB: tl.constexpr, GROUPED: tl.constexpr,
-                              E_P2: tl.constexpr):
+                              table_ptr, POW2: tl.constexpr, FAST_DIV: tl.constexpr, G: tl.constexpr,
+                              SUB: tl.constexpr, T_2D: tl.constexpr, RSUB: tl.constexpr, GROUPED: tl.constexpr):
     """Programs 2t and 2t + 1 take the same 128x128 tile t: the first quantizes it 1x128 (in
     RSUB-row slices), the second 128x1 (transposed, in SUB-column slices). The pair runs at about the same time, so the
     second read of the tile is served by L2: x comes from DRAM once, and each program holds only
@@ -259,10 +258,10 @@ def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, stp_ptr, M, K
     LDQ, LDST: row strides of q and of the 128x1 scale buffer [M'/128, K] (K and K when the outputs
     are x's own; larger when they are column slices of a stack, ``quantize_dual_stacked``).
 
-    GROUPED (expert-sorted rows, experts [starts[e], ends[e])): tile row mb is the mb-th 128-row
-    tile of the experts' own tiles (``_expert_tile``), so the transposed copy's 128-token tiles
-    never span two experts: its column block mb holds that tile's rows, zeros past the expert's
-    end; tiles past the last expert's write nothing."""
+    GROUPED (expert-sorted rows): tile row mb is the mb-th 128-row tile of the experts' own tiles
+    (row mb of ``expert_tile_table``), so the transposed copy's 128-token tiles never span two
+    experts: its column block mb holds that tile's rows, zeros past the expert's end; tiles past
+    the last expert's write nothing."""
     pid = tl.program_id(0)
     t = pid // 2
     nkb = K // 128
@@ -270,9 +269,10 @@ def _quant_dual_paired_kernel(x_ptr, q_ptr, s_ptr, qt_ptr, st_ptr, stp_ptr, M, K
     kb = t % nkb
     rm = mb * 128 + tl.arange(0, 128)  # the tile's columns in the transposed copy
     if GROUPED:
-        valid, _e, row0, row_end = _expert_tile(mb, starts_ptr, ends_ptr, E, E_P2, 128)
-        if not valid:
+        if tl.load(table_ptr + 3 * mb) < 0:
             return
+        row0 = tl.load(table_ptr + 3 * mb + 1)
+        row_end = tl.load(table_ptr + 3 * mb + 2)
     else:
         row0 = mb * 128
         row_end = M
@@ -438,17 +438,15 @@ def quantize_dual(x: torch.Tensor, pow2_scales: bool, *, paired_sub: int | None 
         qt, st_buf = _alloc_128x1_t(M + BLOCK * offs_E.shape[0] if grouped else M, K, x.device)
         st_buf, stp_buf = _scales_128x128([], K // BLOCK, qt.shape[1] // BLOCK, x.device) if t_2d else (st_buf, st_buf)
     Mp = qt.shape[1]
-    starts, ends = _starts_ends(offs_E) if grouped else (q, q)  # (unused pointers when not grouped)
-    E = offs_E.shape[0] if grouped else 1
+    table = expert_tile_table(offs_E, Mp // BLOCK) if grouped else q  # (an unused pointer when not grouped)
     args = (x, q, s_buf, qt, st_buf)
     meta = {"POW2": pow2_scales, "FAST_DIV": _fast_div(fast_div), "num_warps": num_warps, "maxnreg": max_registers}
     tiles = (K // BLOCK) * (Mp // BLOCK)
     if paired_sub is not None:
         _quant_dual_paired_kernel[(2 * tiles,)](*args, stp_buf, M, K, Mp, x.stride(0), q.stride(0), st_buf.stride(0),
-                                                stp_buf.stride(0), starts, ends, E,
+                                                stp_buf.stride(0), table,
                                                 G=_rows_per_rep(x, paired_sub, num_warps, BLOCK), SUB=paired_sub,
-                                                T_2D=t_2d, RSUB=row_sub, GROUPED=grouped,
-                                                E_P2=triton.next_power_of_2(E), **meta)
+                                                T_2D=t_2d, RSUB=row_sub, GROUPED=grouped, **meta)
     else:
         if out is not None:
             raise ValueError("quantize_dual: out= needs the paired kernel (paired_sub)")
@@ -660,6 +658,27 @@ def _starts_ends(offs_E: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ends = offs_E.to(torch.int32).contiguous()
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
     return starts, ends
+
+
+@triton.jit
+def _tile_table_kernel(starts_ptr, ends_ptr, out_ptr, E, E_P2: tl.constexpr, BM: tl.constexpr):
+    """Row tile t -> (expert, or -1 past the last tile; first row; the expert's end row)."""
+    t = tl.program_id(0)
+    valid, e, row0, row_end = _expert_tile(t, starts_ptr, ends_ptr, E, E_P2, BM)
+    tl.store(out_ptr + 3 * t, tl.where(valid, e, -1))
+    tl.store(out_ptr + 3 * t + 1, row0)
+    tl.store(out_ptr + 3 * t + 2, row_end)
+
+
+def expert_tile_table(offs_E: torch.Tensor, T: int, BM: int = BLOCK) -> torch.Tensor:
+    """int32 [T, 3]: the experts' own BM-row tiles in order (T an upper bound, cdiv(M, BM) + E),
+    each as (expert or -1 past the last, first row, the expert's end row); computed on the device
+    once per call instead of by every program of the kernel that reads it (no host sync)."""
+    starts, ends = _starts_ends(offs_E)
+    table = torch.empty(T, 3, dtype=torch.int32, device=offs_E.device)
+    E = offs_E.shape[0]
+    _tile_table_kernel[(T,)](starts, ends, table, E, E_P2=triton.next_power_of_2(E), BM=BM)
+    return table
 
 
 def _mm_output(qa, qb, out_dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
